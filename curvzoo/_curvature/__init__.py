@@ -1,0 +1,1 @@
+from ._api import hessian_diagonal as hessian_diagonal

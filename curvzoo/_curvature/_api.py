@@ -1,0 +1,82 @@
+from collections.abc import Callable
+
+import equinox as eqx
+from jaxtyping import PyTree
+
+from ._checks import (
+    check_batch,
+    check_loss,
+    check_loss_output,
+    check_model,
+    check_positive_int,
+    split_trainable,
+)
+from ._generic import generic_hessian_diagonal
+from ._memory import DEFAULT_MEMORY_BUDGET
+
+
+def hessian_diagonal(
+    model: eqx.Module,
+    loss: Callable,
+    batch: PyTree,
+    *,
+    filter_spec: PyTree | Callable = eqx.is_inexact_array,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+) -> PyTree:
+    """The exact diagonal of the Hessian of `loss(model, batch)` with respect to the
+    trainable parameters of `model`.
+
+    **Arguments:**
+
+    - `model`: any Equinox module (a zoo model or your own). It is not modified.
+    - `loss`: a curvzoo loss such as `curvzoo.losses.cross_entropy`, or any callable
+        `loss(model, batch) -> scalar`. Pass the same callable object each time so that
+        the compiled kernel is reused.
+    - `batch`: a PyTree of arrays sharing a leading batch axis; for curvzoo losses a pair
+        `(inputs, targets)`.
+    - `filter_spec`: which leaves are trained, as in `equinox.partition`: a callable on
+        leaves (default `equinox.is_inexact_array`) or a PyTree of bools that is a prefix
+        of `model`. Only floating-point arrays are differentiated.
+    - `chunk_size`: how many Hessian-vector products are batched together with
+        `jax.vmap`. `None` (default) picks the largest chunk that fits `memory_budget`.
+    - `memory_budget`: bytes for the per-chunk working set when `chunk_size=None`;
+        default 256 MiB. Peak memory is this plus the linearisation of one gradient
+        (a few copies of the batch's activations); it does not grow with the parameter
+        count `P`.
+
+    **Returns:**
+
+    A PyTree with the structure of `equinox.filter(model, filter_spec)`, as
+    `equinox.filter_grad` returns: at each trained leaf an array of that leaf's shape
+    and dtype holding the diagonal of the Hessian for that leaf's entries; `None` at
+    frozen leaves and at leaves that are not floating-point arrays.
+
+    **Cost:** one Hessian-vector product (forward-over-reverse, about two gradients'
+    work) per trained parameter, `P` in all, batched in chunks; never a `P x P` matrix.
+
+    **Example:**
+
+    ```python
+    model = curvzoo.MLP(4, 3, width_size=8, depth=1, key=jax.random.key(0))
+    diag = curvzoo.hessian_diagonal(model, curvzoo.losses.cross_entropy, (x, labels))
+    diag.layers[0].weight.shape  # (8, 4)
+    ```
+    """
+    check_model(model)
+    check_loss(loss)
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    check_positive_int(memory_budget, "memory_budget", allow_none=True)
+    check_batch(batch)
+    params, static = split_trainable(model, filter_spec)
+    check_loss_output(loss, model, batch)
+    if memory_budget is None:
+        memory_budget = DEFAULT_MEMORY_BUDGET
+    return generic_hessian_diagonal(
+        params,
+        static,
+        loss,
+        batch,
+        None if chunk_size is None else int(chunk_size),
+        int(memory_budget),
+    )

@@ -1,0 +1,127 @@
+"""Input checks shared by every curvature function.
+
+Each raises a `ValueError` or `TypeError` that names the offending argument, before any
+heavy work (shapes are checked by tracing, not by running the model).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import PyTree
+
+from .._losses import AbstractLoss
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def check_model(model: Any) -> None:
+    if not isinstance(model, eqx.Module):
+        raise TypeError(
+            "`model` must be an Equinox module (an instance of `equinox.Module`), got "
+            f"{type(model).__name__}."
+        )
+
+
+def check_loss(loss: Any) -> None:
+    if not callable(loss):
+        raise TypeError(
+            "`loss` must be a curvzoo loss or a callable `loss(model, batch) -> scalar`, "
+            f"got {type(loss).__name__}."
+        )
+
+
+def check_batch(batch: PyTree) -> int:
+    """Check that every array leaf of `batch` has the same leading (batch) axis.
+
+    **Returns:** the batch size.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    sizes = {}
+    for path, leaf in leaves:
+        if not _is_array(leaf):
+            continue
+        name = "batch" + jax.tree_util.keystr(path)
+        if jnp.ndim(leaf) == 0:
+            raise ValueError(
+                f"every array in `batch` needs a leading batch axis, but `{name}` is a "
+                "scalar."
+            )
+        sizes[name] = jnp.shape(leaf)[0]
+    if not sizes:
+        raise ValueError("`batch` holds no arrays; pass e.g. `(inputs, targets)`.")
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{name}: {size}" for name, size in sizes.items())
+        raise ValueError(
+            f"the leaves of `batch` must share their leading (batch) axis; got {listing}."
+        )
+    (size,) = set(sizes.values())
+    if size == 0:
+        raise ValueError("`batch` is empty (its leading axis has size 0).")
+    return size
+
+
+def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        expected = "a positive integer" + (" or None" if allow_none else "")
+        raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value}.")
+
+
+def split_trainable(model: eqx.Module, filter_spec: PyTree | Callable) -> tuple:
+    """Partition `model` into `(params, static)`.
+
+    `params` holds the leaves that `filter_spec` selects and that are floating-point
+    arrays (the only ones with a derivative); everything else is in `static`. Raises if
+    `filter_spec` does not fit `model` or selects nothing.
+    """
+    if not callable(filter_spec):
+        bad = [
+            leaf
+            for leaf in jax.tree.leaves(filter_spec)
+            if not (isinstance(leaf, (bool, np.bool_)) or callable(leaf))
+        ]
+        if bad:
+            raise TypeError(
+                "`filter_spec` must be a callable or a PyTree of bools (or callables) "
+                f"that is a prefix of `model`; it holds {type(bad[0]).__name__} leaves."
+            )
+    try:
+        params, static = eqx.partition(model, filter_spec)
+    except ValueError as error:
+        raise ValueError(
+            "`filter_spec` must be a callable or a PyTree of bools whose structure is a "
+            "prefix of `model`'s (as in `equinox.partition`); its structure does not "
+            f"match:\n{error}"
+        ) from None
+    params, frozen = eqx.partition(params, eqx.is_inexact_array)
+    static = eqx.combine(static, frozen)
+    if not jax.tree.leaves(params):
+        raise ValueError(
+            "`filter_spec` leaves nothing to differentiate: it selects no floating-point "
+            "array of `model`."
+        )
+    return params, static
+
+
+def check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> None:
+    """Trace `loss(model, batch)` (no compute) and check that it is a real scalar."""
+    if isinstance(loss, AbstractLoss):
+        loss.validate(model, batch)
+    out = eqx.filter_eval_shape(loss, model, batch)
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+        shape = getattr(out, "shape", None)
+        got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
+        raise ValueError(f"`loss` must return a scalar, but `loss(model, batch)` gives {got}.")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(
+            f"`loss` must return a real floating-point scalar, got dtype {out.dtype}."
+        )

@@ -1,0 +1,55 @@
+"""The generic exact kernel: one Hessian-vector product per parameter."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from jaxtyping import PyTree
+
+from ._memory import bytes_per_lane, chunk_from_budget
+
+
+@eqx.filter_jit
+def generic_hessian_diagonal(
+    params: PyTree,
+    static: PyTree,
+    loss: Callable,
+    batch: PyTree,
+    chunk_size: int | None,
+    memory_budget: int,
+) -> PyTree:
+    """Exact `diag(H)` of `loss(combine(params, static), batch)` w.r.t. `params`.
+
+    The trainable leaves are raveled into one vector of length `P`. One linearisation
+    of the gradient (`jax.linearize(jax.grad(f))`: a forward and a backward pass whose
+    residuals are kept) turns every Hessian-vector product into a tangent evaluation
+    (forward-over-reverse) that reuses them. `H[i, i] = (H e_i)[i]` is evaluated for
+    one-hot `e_i`, `jax.vmap`ped over `chunk_size` basis vectors at a time and mapped
+    over chunks with `jax.lax.map`, so no `P x P` matrix is ever built.
+
+    Cost: `P` Hessian-vector products (each about the cost of two gradients).
+    Memory: the shared linearisation (a few copies of the activations for the batch)
+    plus, per basis vector in a chunk, two length-`P` vectors and the tangents of one
+    Hessian-vector product. With `chunk_size=None` the chunk is the largest whose
+    per-chunk working set, measured on the traced product, fits `memory_budget`.
+    This runs at trace time only; calls with the same shapes reuse the compiled code.
+    """
+    flat, unravel = ravel_pytree(params)
+    size = flat.size
+
+    def loss_of_flat(vector):
+        return loss(eqx.combine(unravel(vector), static), batch)
+
+    _, hvp = jax.linearize(jax.grad(loss_of_flat), flat)
+    if chunk_size is None:
+        chunk_size = chunk_from_budget(bytes_per_lane(hvp, flat), size, memory_budget)
+    chunk_size = min(chunk_size, size)
+
+    def diagonal_entry(index):
+        basis = jax.nn.one_hot(index, size, dtype=flat.dtype)
+        return hvp(basis)[index]
+
+    diagonal = jax.lax.map(diagonal_entry, jnp.arange(size), batch_size=chunk_size)
+    return unravel(diagonal)

@@ -1,0 +1,245 @@
+"""Losses that know their per-sample structure.
+
+A curvzoo loss is called as `loss(model, batch) -> scalar`, like any user loss, but it
+also exposes the pieces that fast kernels need: the per-sample loss as a function of
+the model's prediction (`per_sample`), and the constant that the reduction multiplies
+the sum over samples by (`scale`). For every curvzoo loss
+
+    loss(model, (x, y)) == loss.scale(N, prediction_shape)
+                           * sum_n loss.per_sample(model(x[n]), y[n]).
+"""
+
+import abc
+import math
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar
+
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def split_batch(batch: PyTree) -> tuple[PyTree, PyTree]:
+    """Split a curvzoo loss's batch into `(inputs, targets)`, with a clear error."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(
+            "`batch` for a curvzoo loss must be a pair `(inputs, targets)` whose leaves "
+            f"have a leading batch axis; got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            + "."
+        )
+    return batch[0], batch[1]
+
+
+class AbstractLoss(eqx.Module):
+    """Base class of curvzoo losses.
+
+    A subclass says how one sample's prediction and target give that sample's loss
+    (`per_sample`, summed over the sample's elements) and how many elements a sample
+    holds (`elements_per_sample`, the denominator of `reduction="mean"`). Everything
+    else is shared: the call `loss(model, batch)`, the shape checks and the reduction.
+    """
+
+    reduction: eqx.AbstractVar[Literal["mean", "sum"]]
+
+    def __check_init__(self):
+        if self.reduction not in _REDUCTIONS:
+            raise ValueError(
+                f"`reduction` must be one of {_REDUCTIONS}, got {self.reduction!r}."
+            )
+
+    @abc.abstractmethod
+    def per_sample(self, prediction: Array, target: Array) -> Scalar:
+        """The loss of one sample, summed over its elements (no reduction)."""
+
+    @abc.abstractmethod
+    def elements_per_sample(self, prediction_shape: tuple[int, ...]) -> int:
+        """How many terms one sample contributes to the `"mean"` denominator."""
+
+    @abc.abstractmethod
+    def check_shapes(
+        self, prediction_shape: tuple[int, ...], target_shape: tuple[int, ...], target_dtype
+    ) -> None:
+        """Raise a `ValueError` naming `batch` if targets do not fit the predictions.
+
+        Shapes include the leading batch axis.
+        """
+
+    def check_values(self, prediction_shape: tuple[int, ...], targets: np.ndarray) -> None:
+        """Check concrete target values (not tracers); the default accepts anything."""
+        del prediction_shape, targets
+
+    def scale(self, batch_size: int, prediction_shape: tuple[int, ...]) -> float:
+        """The factor that multiplies the sum of per-sample losses.
+
+        `1` for `reduction="sum"`, `1 / (batch_size * elements_per_sample)` for `"mean"`.
+        `prediction_shape` is one sample's prediction shape.
+        """
+        if self.reduction == "sum":
+            return 1.0
+        return 1.0 / (batch_size * self.elements_per_sample(prediction_shape))
+
+    def predict(self, model, inputs: PyTree) -> Array:
+        """The model applied to every sample: `jax.vmap(model)(inputs)`."""
+        return jax.vmap(model)(inputs)
+
+    def __call__(self, model, batch: PyTree) -> Scalar:
+        """**Arguments:**
+
+        - `model`: a callable on one example, such as any zoo model.
+        - `batch`: a pair `(inputs, targets)` with a leading batch axis `N` on every leaf.
+
+        **Returns:**
+
+        The reduced loss, a scalar.
+        """
+        inputs, targets = split_batch(batch)
+        targets = jnp.asarray(targets)
+        predictions = self.predict(model, inputs)
+        self.check_shapes(predictions.shape, targets.shape, targets.dtype)
+        losses = jax.vmap(self.per_sample)(predictions, targets)
+        return self.scale(predictions.shape[0], predictions.shape[1:]) * jnp.sum(losses)
+
+    def validate(self, model, batch: PyTree) -> None:
+        """Check `batch` against `model` before any heavy work.
+
+        Shapes are checked by tracing (no compute); target values are checked too
+        where they are concrete (not inside an outer `jax.jit`).
+        """
+        inputs, targets = split_batch(batch)
+        predictions = eqx.filter_eval_shape(self.predict, model, inputs)
+        targets_shape = jnp.shape(targets)
+        self.check_shapes(predictions.shape, targets_shape, jnp.result_type(targets))
+        if _is_concrete(targets):
+            self.check_values(predictions.shape, np.asarray(targets))
+
+
+class CrossEntropy(AbstractLoss):
+    """Softmax cross-entropy on logits with integer class labels.
+
+    One sample's prediction holds logits over `C` classes on its last axis, `(C,)`, or
+    `(T, C)` for a per-step readout; its label is an integer array of the prediction's
+    shape without the class axis, `()` or `(T,)`, with values in `[0, C)`.
+
+    `reduction="mean"` is the mean over samples and, for per-step predictions, over
+    steps too: the sum of all per-step losses divided by `N * T`. `"sum"` is their sum.
+
+    **Example:**
+
+    ```python
+    loss = curvzoo.losses.CrossEntropy(reduction="sum")
+    value = loss(model, (x, labels))
+    ```
+    """
+
+    reduction: Literal["mean", "sum"] = eqx.field(static=True, default="mean")
+
+    def per_sample(
+        self, prediction: Float[Array, "*steps classes"], target: Int[Array, "*steps"]
+    ) -> Scalar:
+        log_norm = jax.nn.logsumexp(prediction, axis=-1)
+        picked = jnp.take_along_axis(
+            prediction, target[..., None].astype(jnp.int32), axis=-1, mode="clip"
+        )[..., 0]
+        return jnp.sum(log_norm - picked)
+
+    def elements_per_sample(self, prediction_shape: tuple[int, ...]) -> int:
+        return math.prod(prediction_shape[:-1])
+
+    def check_shapes(self, prediction_shape, target_shape, target_dtype) -> None:
+        if len(prediction_shape) < 2:
+            raise ValueError(
+                "CrossEntropy needs logits with a class axis: one sample's prediction "
+                f"must have shape (C,) or (T, C); the batch of predictions has shape "
+                f"{tuple(prediction_shape)}."
+            )
+        expected = tuple(prediction_shape[:-1])
+        if tuple(target_shape) != expected:
+            raise ValueError(
+                f"`batch` labels for CrossEntropy must have shape {expected} (the "
+                f"predictions' shape {tuple(prediction_shape)} without the class axis), "
+                f"got {tuple(target_shape)}."
+            )
+        if not jnp.issubdtype(target_dtype, jnp.integer):
+            raise ValueError(
+                f"`batch` labels for CrossEntropy must be integers, got dtype {target_dtype}."
+            )
+
+    def check_values(self, prediction_shape, targets) -> None:
+        num_classes = prediction_shape[-1]
+        if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
+            raise ValueError(
+                f"`batch` labels for CrossEntropy must lie in [0, {num_classes}), got "
+                f"values from {targets.min()} to {targets.max()}."
+            )
+
+
+class MSE(AbstractLoss):
+    """Squared error between prediction and a target of the same shape.
+
+    `reduction="mean"` is the mean over all elements of `(prediction - target)**2`,
+    as `torch.nn.MSELoss()` and `optax.squared_error(prediction, target).mean()`;
+    `"sum"` is the sum over all elements (no factor 1/2 in either).
+    """
+
+    reduction: Literal["mean", "sum"] = eqx.field(static=True, default="mean")
+
+    def per_sample(self, prediction: Float[Array, "*shape"], target: ArrayLike) -> Scalar:
+        return jnp.sum((prediction - target) ** 2)
+
+    def elements_per_sample(self, prediction_shape: tuple[int, ...]) -> int:
+        return math.prod(prediction_shape)
+
+    def check_shapes(self, prediction_shape, target_shape, target_dtype) -> None:
+        del target_dtype
+        if tuple(target_shape) != tuple(prediction_shape):
+            raise ValueError(
+                f"`batch` targets for MSE must have the predictions' shape "
+                f"{tuple(prediction_shape)}, got {tuple(target_shape)}."
+            )
+
+
+class BCEWithLogits(AbstractLoss):
+    """Binary cross-entropy on logits, with targets in `[0, 1]` of the logits' shape.
+
+    Per element, `softplus(z) - y * z`, the numerically stable form of
+    `-y log sigmoid(z) - (1 - y) log(1 - sigmoid(z))`. `reduction="mean"` is the mean
+    over all elements, as `torch.nn.BCEWithLogitsLoss()`; `"sum"` is their sum.
+    """
+
+    reduction: Literal["mean", "sum"] = eqx.field(static=True, default="mean")
+
+    def per_sample(self, prediction: Float[Array, "*shape"], target: ArrayLike) -> Scalar:
+        return jnp.sum(jax.nn.softplus(prediction) - target * prediction)
+
+    def elements_per_sample(self, prediction_shape: tuple[int, ...]) -> int:
+        return math.prod(prediction_shape)
+
+    def check_shapes(self, prediction_shape, target_shape, target_dtype) -> None:
+        del target_dtype
+        if tuple(target_shape) != tuple(prediction_shape):
+            raise ValueError(
+                f"`batch` targets for BCEWithLogits must have the logits' shape "
+                f"{tuple(prediction_shape)}, got {tuple(target_shape)}."
+            )
+
+    def check_values(self, prediction_shape, targets) -> None:
+        del prediction_shape
+        if targets.size and (targets.min() < 0 or targets.max() > 1):
+            raise ValueError(
+                "`batch` targets for BCEWithLogits must lie in [0, 1], got values from "
+                f"{targets.min()} to {targets.max()}."
+            )
+
+
+cross_entropy = CrossEntropy()
+mse = MSE()
+binary_cross_entropy_with_logits = BCEWithLogits()

@@ -1,0 +1,97 @@
+"""Shared helpers: reference computations, tiny zoo models and matching batches."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+import curvzoo as cz
+
+
+def tree_allclose(x, y, *, rtol=1e-10, atol=0.0):
+    """Same structure, and every pair of leaves close (arrays) or equal (others)."""
+    if jax.tree.structure(x) != jax.tree.structure(y):
+        return False
+    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+        if eqx.is_array(a):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                return False
+            if not np.allclose(a, b, rtol=rtol, atol=atol):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+def reference_hessian_diagonal(model, loss, batch, filter_spec=eqx.is_inexact_array):
+    """`jnp.diag(jax.hessian(...))` of the raveled trainable parameters: independent of
+    curvzoo's kernels, and only usable for tiny models."""
+    params, static = eqx.partition(model, filter_spec)
+    params, rest = eqx.partition(params, eqx.is_inexact_array)
+    static = eqx.combine(static, rest)
+    flat, unravel = ravel_pytree(params)
+
+    def f(vector):
+        return loss(eqx.combine(unravel(vector), static), batch)
+
+    return unravel(jnp.diag(jax.hessian(f)(flat)))
+
+
+def assert_diagonal_close(result, expected, rtol=1e-10):
+    """Relative agreement: every entry within `rtol` of itself, or of the largest entry
+    for entries near zero."""
+    assert jax.tree.structure(result) == jax.tree.structure(expected)
+    flat_r = ravel_pytree(result)[0]
+    flat_e = ravel_pytree(expected)[0]
+    scale = float(jnp.max(jnp.abs(flat_e)))
+    assert scale > 0, "reference diagonal is identically zero: the test would be vacuous"
+    np.testing.assert_allclose(flat_r, flat_e, rtol=rtol, atol=rtol * scale)
+
+
+# Tiny zoo models: (name, factory(key)). Sizes keep `jax.hessian` cheap.
+MODELS = [
+    *[
+        (f"mlp{depth}", lambda key, d=depth: cz.MLP(3, 3, 4, d, key=key))
+        for depth in range(4)
+    ],
+    *[
+        (f"rnn-{cell}-{readout}", lambda key, c=cell, r=readout: cz.RNN(2, 3, 3, c, r, key=key))
+        for cell in ("elman", "gru", "lstm")
+        for readout in ("last", "all")
+    ],
+    ("cnn", lambda key: cz.CNN(1, 3, 10, channels=(2, 2), key=key)),
+]
+
+LOSS_CLASSES = {"ce": cz.losses.CrossEntropy, "mse": cz.losses.MSE, "bce": cz.losses.BCEWithLogits}
+
+BATCH_SIZE = 5
+SEQUENCE_LENGTH = 4
+
+
+def make_inputs(model, key, batch_size=BATCH_SIZE):
+    if isinstance(model, cz.MLP):
+        return jr.normal(key, (batch_size, model.in_size))
+    if isinstance(model, cz.RNN):
+        return jr.normal(key, (batch_size, SEQUENCE_LENGTH, model.in_size))
+    if isinstance(model, cz.CNN):
+        return jr.normal(key, (batch_size, model.in_channels, *model.image_size))
+    raise TypeError(model)
+
+
+def make_targets(model, inputs, loss_name, key):
+    predictions = jax.vmap(model)(inputs)
+    if loss_name == "ce":
+        return jr.randint(key, predictions.shape[:-1], 0, predictions.shape[-1])
+    if loss_name == "mse":
+        return jr.normal(key, predictions.shape)
+    if loss_name == "bce":
+        return jr.uniform(key, predictions.shape)
+    raise ValueError(loss_name)
+
+
+def make_batch(model, loss_name, key, batch_size=BATCH_SIZE):
+    k_in, k_out = jr.split(key)
+    inputs = make_inputs(model, k_in, batch_size)
+    return inputs, make_targets(model, inputs, loss_name, k_out)
