@@ -11,7 +11,7 @@ the sum over samples by (`scale`). For every curvzoo loss
 
 import abc
 import math
-from typing import Any, Literal
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -48,7 +48,7 @@ class AbstractLoss(eqx.Module):
     else is shared: the call `loss(model, batch)`, the shape checks and the reduction.
     """
 
-    reduction: eqx.AbstractVar[Literal["mean", "sum"]]
+    reduction: eqx.AbstractVar[str]
 
     def __check_init__(self):
         if self.reduction not in _REDUCTIONS:
@@ -140,7 +140,7 @@ class CrossEntropy(AbstractLoss):
     ```
     """
 
-    reduction: Literal["mean", "sum"] = eqx.field(static=True, default="mean")
+    reduction: str = eqx.field(static=True, default="mean")
 
     def per_sample(
         self, prediction: Float[Array, "*steps classes"], target: Int[Array, "*steps"]
@@ -190,7 +190,7 @@ class MSE(AbstractLoss):
     `"sum"` is the sum over all elements (no factor 1/2 in either).
     """
 
-    reduction: Literal["mean", "sum"] = eqx.field(static=True, default="mean")
+    reduction: str = eqx.field(static=True, default="mean")
 
     def per_sample(self, prediction: Float[Array, "*shape"], target: ArrayLike) -> Scalar:
         return jnp.sum((prediction - target) ** 2)
@@ -215,7 +215,7 @@ class BCEWithLogits(AbstractLoss):
     over all elements, as `torch.nn.BCEWithLogitsLoss()`; `"sum"` is their sum.
     """
 
-    reduction: Literal["mean", "sum"] = eqx.field(static=True, default="mean")
+    reduction: str = eqx.field(static=True, default="mean")
 
     def per_sample(self, prediction: Float[Array, "*shape"], target: ArrayLike) -> Scalar:
         return jnp.sum(jax.nn.softplus(prediction) - target * prediction)

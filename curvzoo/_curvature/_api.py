@@ -1,4 +1,5 @@
 from collections.abc import Callable
+from typing import no_type_check
 
 import equinox as eqx
 from jaxtyping import PyTree
@@ -15,6 +16,9 @@ from ._generic import generic_hessian_diagonal
 from ._memory import DEFAULT_MEMORY_BUDGET
 
 
+# Arguments are checked below with errors that name them, so the test-time runtime
+# type checker is kept out of the way.
+@no_type_check
 def hessian_diagonal(
     model: eqx.Module,
     loss: Callable,

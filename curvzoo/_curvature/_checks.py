@@ -83,7 +83,8 @@ def split_trainable(model: eqx.Module, filter_spec: PyTree | Callable) -> tuple:
     arrays (the only ones with a derivative); everything else is in `static`. Raises if
     `filter_spec` does not fit `model` or selects nothing.
     """
-    if not callable(filter_spec):
+    # A module-shaped spec is a PyTree even though modules with `__call__` are callable.
+    if isinstance(filter_spec, eqx.Module) or not callable(filter_spec):
         bad = [
             leaf
             for leaf in jax.tree.leaves(filter_spec)

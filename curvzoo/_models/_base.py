@@ -1,5 +1,6 @@
 import abc
 from collections.abc import Callable
+from typing import no_type_check
 
 import equinox as eqx
 from jaxtyping import Array, PyTree
@@ -21,6 +22,7 @@ class AbstractModel(eqx.Module):
     def __call__(self, x: Array) -> Array:
         """The prediction for one example."""
 
+    @no_type_check  # arguments are checked by `curvzoo.hessian_diagonal`
     def hessian_diagonal(
         self,
         loss: Callable,

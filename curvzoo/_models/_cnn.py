@@ -1,5 +1,4 @@
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import equinox as eqx
 import jax
@@ -56,7 +55,7 @@ class CNN(AbstractModel):
         channels: Sequence[int] = (8, 16),
         kernel_size: int = 3,
         activation: Callable[[Array], Array] = jax.nn.tanh,
-        pool: Literal["max", "avg"] = "max",
+        pool: str = "max",
         *,
         dtype=None,
         key: PRNGKeyArray,

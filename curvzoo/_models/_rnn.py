@@ -1,5 +1,4 @@
 import math
-from typing import Literal
 
 import equinox as eqx
 import jax
@@ -84,7 +83,7 @@ class RNN(AbstractModel):
 
     cell: ElmanCell | eqx.nn.GRUCell | eqx.nn.LSTMCell
     head: eqx.nn.Linear
-    readout: Literal["last", "all"] = eqx.field(static=True)
+    readout: str = eqx.field(static=True)
     in_size: int = eqx.field(static=True)
     hidden_size: int = eqx.field(static=True)
     out_size: int = eqx.field(static=True)
@@ -94,8 +93,8 @@ class RNN(AbstractModel):
         in_size: int,
         hidden_size: int,
         out_size: int,
-        cell: Literal["elman", "gru", "lstm"] = "gru",
-        readout: Literal["last", "all"] = "last",
+        cell: str = "gru",
+        readout: str = "last",
         *,
         dtype=None,
         key: PRNGKeyArray,

@@ -1,0 +1,164 @@
+"""Bad input raises a clear error naming the argument, before any heavy work."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import curvzoo as cz
+
+
+@pytest.fixture
+def setup(getkey):
+    model = cz.MLP(3, 4, 5, 1, key=getkey())
+    x = jr.normal(getkey(), (6, 3))
+    y = jr.randint(getkey(), (6,), 0, 4)
+    return model, x, y
+
+
+def test_loss_returning_non_scalar(setup):
+    model, x, y = setup
+
+    def per_sample_losses(model, batch):
+        return jnp.sum(jax.vmap(model)(batch[0]) ** 2, axis=-1)
+
+    with pytest.raises(ValueError, match=r"`loss` must return a scalar.*\(6,\)"):
+        cz.hessian_diagonal(model, per_sample_losses, (x, y))
+
+
+def test_loss_returning_integer(setup):
+    model, x, y = setup
+    with pytest.raises(ValueError, match="`loss` must return a real floating-point"):
+        cz.hessian_diagonal(model, lambda m, b: jnp.sum(b[1]), (x, y))
+
+
+def test_loss_not_callable(setup):
+    model, x, y = setup
+    with pytest.raises(TypeError, match="`loss` must be"):
+        cz.hessian_diagonal(model, "cross_entropy", (x, y))
+
+
+def test_ragged_batch(setup):
+    model, x, y = setup
+    with pytest.raises(ValueError, match=r"leading \(batch\) axis.*batch\[0\]: 6.*batch\[1\]: 5"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y[:5]))
+
+
+def test_scalar_in_batch(setup):
+    model, x, _ = setup
+    with pytest.raises(ValueError, match=r"`batch\[1\]` is a scalar"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, jnp.array(1)))
+
+
+def test_batch_not_a_pair(setup):
+    model, x, y = setup
+    with pytest.raises(ValueError, match=r"`batch` for a curvzoo loss must be a pair"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y, y))
+
+
+def test_filter_spec_selects_nothing(setup):
+    model, x, y = setup
+    spec = jax.tree.map(lambda _: False, model)
+    with pytest.raises(ValueError, match="`filter_spec` leaves nothing to differentiate"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y), filter_spec=spec)
+    with pytest.raises(ValueError, match="`filter_spec` leaves nothing to differentiate"):
+        cz.hessian_diagonal(
+            model, cz.losses.cross_entropy, (x, y), filter_spec=lambda leaf: False
+        )
+
+
+def test_filter_spec_wrong_structure(setup):
+    model, x, y = setup
+    with pytest.raises(ValueError, match="`filter_spec` must be .* prefix of `model`"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y), filter_spec=[True])
+
+
+def test_filter_spec_wrong_leaves(setup):
+    model, x, y = setup
+    spec = jax.tree.map(lambda _: 1, eqx.filter(model, eqx.is_array))
+    with pytest.raises(TypeError, match="`filter_spec` must be a callable or a PyTree of bools"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y), filter_spec=spec)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3])
+def test_chunk_size_below_one(setup, chunk_size):
+    model, x, y = setup
+    with pytest.raises(ValueError, match="`chunk_size` must be >= 1"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y), chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("chunk_size", [2.0, True, "7"])
+def test_chunk_size_not_an_integer(setup, chunk_size):
+    model, x, y = setup
+    with pytest.raises(TypeError, match="`chunk_size` must be a positive integer"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y), chunk_size=chunk_size)
+
+
+def test_memory_budget_below_one(setup):
+    model, x, y = setup
+    with pytest.raises(ValueError, match="`memory_budget` must be >= 1"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y), memory_budget=0)
+
+
+@pytest.mark.parametrize("bad_shape", [(6, 1), (6, 4), ()])
+def test_labels_of_wrong_shape(setup, bad_shape):
+    model, x, _ = setup
+    labels = jnp.zeros(bad_shape, jnp.int32)
+    with pytest.raises(ValueError, match="`batch`"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, labels))
+
+
+def test_labels_of_wrong_shape_per_step(getkey):
+    model = cz.RNN(2, 3, 4, cell="elman", readout="all", key=getkey())
+    xs = jr.normal(getkey(), (5, 7, 2))
+    with pytest.raises(ValueError, match=r"`batch` labels for CrossEntropy must have shape \(5, 7\)"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (xs, jnp.zeros(5, jnp.int32)))
+
+
+def test_labels_not_integers(setup):
+    model, x, _ = setup
+    with pytest.raises(ValueError, match="`batch` labels for CrossEntropy must be integers"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, jnp.zeros(6)))
+
+
+def test_labels_out_of_range(setup):
+    model, x, y = setup
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y.at[0].set(4)))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y.at[0].set(-1)))
+
+
+def test_regression_targets_of_wrong_shape(setup):
+    model, x, _ = setup
+    with pytest.raises(ValueError, match=r"`batch` targets for MSE must have the predictions' shape"):
+        cz.hessian_diagonal(model, cz.losses.mse, (x, jnp.zeros((6, 3))))
+    with pytest.raises(ValueError, match=r"`batch` targets for BCEWithLogits"):
+        cz.hessian_diagonal(model, cz.losses.binary_cross_entropy_with_logits, (x, jnp.zeros(6)))
+
+
+def test_bce_targets_out_of_range(setup):
+    model, x, _ = setup
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        cz.hessian_diagonal(
+            model, cz.losses.binary_cross_entropy_with_logits, (x, jnp.full((6, 4), 2.0))
+        )
+
+
+@pytest.mark.parametrize("model", [None, lambda x: x, jax.nn.tanh, {"w": jnp.ones(3)}])
+def test_model_not_an_equinox_module(setup, model):
+    _, x, y = setup
+    with pytest.raises(TypeError, match="`model` must be an Equinox module"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y))
+
+
+def test_inputs_of_wrong_shape(setup):
+    model, _, y = setup
+    with pytest.raises(ValueError, match=r"MLP expects one input of shape \(3,\)"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (jnp.zeros((6, 2)), y))
+
+
+def test_bad_reduction():
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        cz.losses.CrossEntropy(reduction="batchmean")
