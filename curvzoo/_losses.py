@@ -73,6 +73,24 @@ class AbstractLoss(eqx.Module):
         Shapes include the leading batch axis.
         """
 
+    def output_hessian_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
+        """The Hessian of `per_sample` in the prediction as weighted outer products:
+        `H = sum_k weights[k] * outer(columns[k], columns[k])`.
+
+        **Returns:** `(columns, weights)` with shapes `(K, *prediction.shape)` and `(K,)`.
+
+        This default takes an eigendecomposition of `jax.hessian(per_sample)`; the
+        curvzoo losses override it with closed forms.
+        """
+        size = prediction.size
+
+        def flat_loss(z):
+            return self.per_sample(z.reshape(prediction.shape), target)
+
+        hessian = jax.hessian(flat_loss)(prediction.reshape(-1))
+        eigenvalues, eigenvectors = jnp.linalg.eigh(hessian)
+        return eigenvectors.T.reshape(size, *prediction.shape), eigenvalues
+
     def check_values(self, prediction_shape: tuple[int, ...], targets: np.ndarray) -> None:
         """Check concrete target values (not tracers); the default accepts anything."""
         del prediction_shape, targets
@@ -154,6 +172,20 @@ class CrossEntropy(AbstractLoss):
     def elements_per_sample(self, prediction_shape: tuple[int, ...]) -> int:
         return math.prod(prediction_shape[:-1])
 
+    def output_hessian_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
+        """Per step, `diag(p) - p p^T = A A^T` with columns `A[:, k] = sqrt(p_k) (e_k - p)`
+        (using `sum(p) = 1`); steps are independent, so the factor is block-diagonal."""
+        num_classes = prediction.shape[-1]
+        probs = jax.nn.softmax(prediction.reshape(-1, num_classes), axis=-1)
+        steps = probs.shape[0]
+        eye = jnp.eye(num_classes, dtype=probs.dtype)
+        # block[t, k, :] = sqrt(p[t, k]) * (e_k - p[t])
+        block = jnp.sqrt(probs)[:, :, None] * (eye[None] - probs[:, None, :])
+        # columns[(t, k), s, :] = [s == t] * block[t, k, :]
+        columns = jnp.einsum("ts,tkc->tksc", jnp.eye(steps, dtype=probs.dtype), block)
+        columns = columns.reshape(steps * num_classes, *prediction.shape)
+        return columns, jnp.ones(steps * num_classes, probs.dtype)
+
     def check_shapes(self, prediction_shape, target_shape, target_dtype) -> None:
         if len(prediction_shape) < 2:
             raise ValueError(
@@ -195,6 +227,13 @@ class MSE(AbstractLoss):
     def per_sample(self, prediction: Float[Array, "*shape"], target: ArrayLike) -> Scalar:
         return jnp.sum((prediction - target) ** 2)
 
+    def output_hessian_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
+        """`2 I`: unit columns with weight 2."""
+        del target
+        size = prediction.size
+        columns = jnp.eye(size, dtype=prediction.dtype).reshape(size, *prediction.shape)
+        return columns, jnp.full(size, 2.0, prediction.dtype)
+
     def elements_per_sample(self, prediction_shape: tuple[int, ...]) -> int:
         return math.prod(prediction_shape)
 
@@ -219,6 +258,14 @@ class BCEWithLogits(AbstractLoss):
 
     def per_sample(self, prediction: Float[Array, "*shape"], target: ArrayLike) -> Scalar:
         return jnp.sum(jax.nn.softplus(prediction) - target * prediction)
+
+    def output_hessian_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
+        """`diag(sigmoid(z) (1 - sigmoid(z)))`: unit columns weighted by it."""
+        del target
+        size = prediction.size
+        columns = jnp.eye(size, dtype=prediction.dtype).reshape(size, *prediction.shape)
+        prob = jax.nn.sigmoid(prediction.reshape(-1))
+        return columns, prob * (1 - prob)
 
     def elements_per_sample(self, prediction_shape: tuple[int, ...]) -> int:
         return math.prod(prediction_shape)

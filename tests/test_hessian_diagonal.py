@@ -26,20 +26,26 @@ from .helpers import (
 @pytest.mark.parametrize("loss_name", sorted(LOSS_CLASSES))
 @pytest.mark.parametrize("model_name,make_model", MODELS, ids=[m[0] for m in MODELS])
 def test_matches_jax_hessian(model_name, make_model, loss_name, reduction, getkey):
+    """Every kernel that takes the model (the generic one always; the default `auto`
+    picks the structured one for MLP and CNN) against `jax.hessian`."""
     model = make_model(getkey())
     loss = LOSS_CLASSES[loss_name](reduction=reduction)
     batch = make_batch(model, loss_name, getkey())
-    result = model.hessian_diagonal(loss, batch)
     expected = reference_hessian_diagonal(model, loss, batch)
-    assert_diagonal_close(result, expected)
+    generic = model.hessian_diagonal(loss, batch, method="generic")
+    assert_diagonal_close(generic, expected)
+    auto = model.hessian_diagonal(loss, batch)
+    assert_diagonal_close(auto, expected)
+    assert_diagonal_close(auto, generic)
     # The method and the function are the same computation.
-    assert tree_allclose(cz.hessian_diagonal(model, loss, batch), result, rtol=0)
+    assert tree_allclose(cz.hessian_diagonal(model, loss, batch), auto, rtol=0)
 
 
-def test_structure_and_dtype(getkey):
+@pytest.mark.parametrize("method", ["generic", "structured"])
+def test_structure_and_dtype(method, getkey):
     model = cz.MLP(3, 2, 4, 2, key=getkey())
     batch = make_batch(model, "ce", getkey())
-    diag = model.hessian_diagonal(cz.losses.cross_entropy, batch)
+    diag = model.hessian_diagonal(cz.losses.cross_entropy, batch, method=method)
     expected = eqx.filter(model, eqx.is_inexact_array)
     assert jax.tree.structure(diag) == jax.tree.structure(expected)
     for d, leaf in zip(jax.tree.leaves(diag), jax.tree.leaves(expected)):
@@ -50,11 +56,12 @@ def test_structure_and_dtype(getkey):
     assert isinstance(diag, cz.MLP)
 
 
-def test_float32_model_keeps_float32(getkey):
+@pytest.mark.parametrize("method", ["generic", "structured"])
+def test_float32_model_keeps_float32(method, getkey):
     model = cz.MLP(3, 2, 4, 1, dtype=jnp.float32, key=getkey())
     x = jr.normal(getkey(), (4, 3), jnp.float32)
     y = jnp.array([0, 1, 1, 0])
-    diag = model.hessian_diagonal(cz.losses.cross_entropy, (x, y))
+    diag = model.hessian_diagonal(cz.losses.cross_entropy, (x, y), method=method)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(diag))
     expected = reference_hessian_diagonal(model, cz.losses.cross_entropy, (x, y))
     assert_diagonal_close(diag, expected, rtol=1e-4)
@@ -80,14 +87,15 @@ def test_frozen_leaves(getkey):
     assert_diagonal_close(diag, expected)
 
 
-def test_frozen_by_callable_spec(getkey):
+@pytest.mark.parametrize("method", ["generic", "structured"])
+def test_frozen_by_callable_spec(method, getkey):
     model = cz.MLP(3, 3, 4, 1, key=getkey())
     batch = make_batch(model, "mse", getkey())
 
     def only_weights(leaf):
         return eqx.is_inexact_array(leaf) and leaf.ndim == 2
 
-    diag = model.hessian_diagonal(cz.losses.mse, batch, filter_spec=only_weights)
+    diag = model.hessian_diagonal(cz.losses.mse, batch, filter_spec=only_weights, method=method)
     assert all(layer.bias is None for layer in diag.layers)
     expected = reference_hessian_diagonal(model, cz.losses.mse, batch, only_weights)
     assert_diagonal_close(diag, expected)
@@ -136,18 +144,20 @@ def test_plain_equinox_module(getkey):
     assert_diagonal_close(diag, expected)
 
 
-def test_batch_of_one(getkey):
+@pytest.mark.parametrize("method", ["generic", "structured"])
+def test_batch_of_one(method, getkey):
     model = cz.CNN(1, 3, 10, channels=(2, 2), pool="avg", key=getkey())
     batch = make_batch(model, "ce", getkey(), batch_size=1)
-    diag = model.hessian_diagonal(cz.losses.cross_entropy, batch)
+    diag = model.hessian_diagonal(cz.losses.cross_entropy, batch, method=method)
     assert_diagonal_close(diag, reference_hessian_diagonal(model, cz.losses.cross_entropy, batch))
 
 
-def test_model_is_not_modified(getkey):
+@pytest.mark.parametrize("method", ["generic", "structured"])
+def test_model_is_not_modified(method, getkey):
     model = cz.MLP(3, 2, 4, 1, key=getkey())
     before = jax.tree.map(lambda x: np.array(x) if eqx.is_array(x) else x, model)
     batch = make_batch(model, "ce", getkey())
-    model.hessian_diagonal(cz.losses.cross_entropy, batch)
+    model.hessian_diagonal(cz.losses.cross_entropy, batch, method=method)
     assert tree_allclose(model, before, rtol=0)
 
 
@@ -166,23 +176,25 @@ def _count_compilations():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def test_no_recompilation(getkey):
+@pytest.mark.parametrize("method", ["generic", "structured"])
+def test_no_recompilation(method, getkey):
     model = cz.MLP(3, 2, 4, 1, key=getkey())
     batch = make_batch(model, "ce", getkey())
     other_model = cz.MLP(3, 2, 4, 1, key=getkey())
     other_batch = make_batch(model, "ce", getkey())
-    model.hessian_diagonal(cz.losses.cross_entropy, batch)
+    model.hessian_diagonal(cz.losses.cross_entropy, batch, method=method)
     with _count_compilations() as count:
-        first = other_model.hessian_diagonal(cz.losses.cross_entropy, other_batch)
+        first = other_model.hessian_diagonal(cz.losses.cross_entropy, other_batch, method=method)
         jax.block_until_ready(first)
         # A fresh but equal loss object hashes the same, so it hits the cache too.
-        second = other_model.hessian_diagonal(cz.losses.CrossEntropy(), other_batch)
+        second = other_model.hessian_diagonal(cz.losses.CrossEntropy(), other_batch, method=method)
         jax.block_until_ready(second)
     assert count[0] == 0
     assert tree_allclose(first, second, rtol=0)
 
 
-def test_inside_jit_and_vmap(getkey):
+@pytest.mark.parametrize("method", ["generic", "structured"])
+def test_inside_jit_and_vmap(method, getkey):
     model = cz.MLP(3, 2, 4, 1, key=getkey())
     xs = jr.normal(getkey(), (3, 5, 3))
     ys = jr.randint(getkey(), (3, 5), 0, 2)
@@ -190,7 +202,7 @@ def test_inside_jit_and_vmap(getkey):
     @eqx.filter_jit
     def per_batch(model, xs, ys):
         return jax.vmap(
-            lambda x, y: cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y))
+            lambda x, y: cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y), method=method)
         )(xs, ys)
 
     stacked = per_batch(model, xs, ys)

@@ -12,8 +12,28 @@ from ._checks import (
     check_positive_int,
     split_trainable,
 )
+from .._losses import AbstractLoss
 from ._generic import generic_hessian_diagonal
+from ._layers import check_supported, Unsupported
 from ._memory import DEFAULT_MEMORY_BUDGET
+from ._structured import structured_hessian_diagonal
+
+
+_METHODS = ("auto", "structured", "generic")
+
+
+def _structured_support(model, loss) -> str | None:
+    """`None` if the structured kernel takes `(model, loss)`, else the reason why not."""
+    if not isinstance(loss, AbstractLoss):
+        return (
+            "`loss` is a custom callable; the structured kernel needs a curvzoo loss "
+            "(`curvzoo.losses.*`), which exposes its per-sample form"
+        )
+    try:
+        check_supported(model)
+    except Unsupported as error:
+        return f"`model` has a part the structured kernel does not support: {error}"
+    return None
 
 
 # Arguments are checked below with errors that name them, so the test-time runtime
@@ -27,6 +47,7 @@ def hessian_diagonal(
     filter_spec: PyTree | Callable = eqx.is_inexact_array,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    method: str = "auto",
 ) -> PyTree:
     """The exact diagonal of the Hessian of `loss(model, batch)` with respect to the
     trainable parameters of `model`.
@@ -42,12 +63,17 @@ def hessian_diagonal(
     - `filter_spec`: which leaves are trained, as in `equinox.partition`: a callable on
         leaves (default `equinox.is_inexact_array`) or a PyTree of bools that is a prefix
         of `model`. Only floating-point arrays are differentiated.
-    - `chunk_size`: how many Hessian-vector products are batched together with
-        `jax.vmap`. `None` (default) picks the largest chunk that fits `memory_budget`.
+    - `chunk_size`: how much work is batched together with `jax.vmap`: basis vectors
+        for the generic kernel, samples for the structured one. `None` (default) picks
+        the largest chunk that fits `memory_budget`.
     - `memory_budget`: bytes for the per-chunk working set when `chunk_size=None`;
-        default 256 MiB. Peak memory is this plus the linearisation of one gradient
-        (a few copies of the batch's activations); it does not grow with the parameter
-        count `P`.
+        default 256 MiB. For the generic kernel peak memory is this plus the
+        linearisation of one gradient (a few copies of the batch's activations); it
+        does not grow with the parameter count `P`.
+    - `method`: `"auto"` (default) takes the structured kernel where the model and the
+        loss support it and the generic kernel otherwise; `"structured"` forces the
+        structured kernel and raises a `ValueError` naming the unsupported part;
+        `"generic"` forces the reference kernel. Both are exact.
 
     **Returns:**
 
@@ -56,8 +82,12 @@ def hessian_diagonal(
     and dtype holding the diagonal of the Hessian for that leaf's entries; `None` at
     frozen leaves and at leaves that are not floating-point arrays.
 
-    **Cost:** one Hessian-vector product (forward-over-reverse, about two gradients'
-    work) per trained parameter, `P` in all, batched in chunks; never a `P x P` matrix.
+    **Cost:** the generic kernel (any Equinox module, any loss) takes one
+    Hessian-vector product per trained parameter, `P` in all, batched in chunks; never a
+    `P x P` matrix. The structured kernel (zoo `MLP` and `CNN` with a curvzoo loss)
+    backpropagates the loss Hessian's rank-`C` factor and the activations' diagonal
+    residuals layer by layer: about `C` extra backward passes for a two-hidden-layer
+    MLP, plus full Jacobian products for residuals two or more dense layers up.
 
     **Example:**
 
@@ -71,11 +101,29 @@ def hessian_diagonal(
     check_loss(loss)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     check_positive_int(memory_budget, "memory_budget", allow_none=True)
+    if method not in _METHODS:
+        raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
     check_batch(batch)
     params, static = split_trainable(model, filter_spec)
     check_loss_output(loss, model, batch)
     if memory_budget is None:
         memory_budget = DEFAULT_MEMORY_BUDGET
+    if method != "generic":
+        reason = _structured_support(model, loss)
+        if reason is None:
+            return structured_hessian_diagonal(
+                params,
+                static,
+                loss,
+                batch,
+                None if chunk_size is None else int(chunk_size),
+                int(memory_budget),
+            )
+        if method == "structured":
+            raise ValueError(
+                f"`method='structured'` cannot be used here: {reason}. Use "
+                "`method='auto'` or `method='generic'`."
+            )
     return generic_hessian_diagonal(
         params,
         static,

@@ -4,7 +4,7 @@ import math
 from collections.abc import Callable
 
 import jax
-from jaxtyping import Array
+from jaxtyping import PyTree
 
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -15,19 +15,28 @@ def _jaxpr_bytes(jaxpr) -> int:
     total = 0
     for eqn in jaxpr.eqns:
         for var in eqn.outvars:
-            aval = var.aval
-            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
-                total += math.prod(aval.shape) * aval.dtype.itemsize
+            total += _var_bytes(var)
     return total
 
 
-def bytes_per_lane(fn: Callable[[Array], Array], example: Array) -> int:
+def _var_bytes(var) -> int:
+    aval = var.aval
+    if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+        return math.prod(aval.shape) * aval.dtype.itemsize
+    return 0
+
+
+def bytes_per_lane(fn: Callable, example: PyTree) -> int:
     """Bytes that one lane of `jax.vmap(fn)` needs: every intermediate of `fn` on one
-    input (an upper bound, since XLA frees and fuses buffers), plus its input and
-    output."""
+    input (an upper bound, since XLA frees and fuses buffers), plus its inputs and
+    outputs. Runs at trace time only."""
     closed = jax.make_jaxpr(fn)(example)
-    out_bytes = sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in closed.jaxpr.outvars)
-    return _jaxpr_bytes(closed.jaxpr) + example.size * example.dtype.itemsize + out_bytes
+    jaxpr = closed.jaxpr
+    return (
+        _jaxpr_bytes(jaxpr)
+        + sum(_var_bytes(v) for v in jaxpr.invars)
+        + sum(_var_bytes(v) for v in jaxpr.outvars)
+    )
 
 
 def chunk_from_budget(per_lane: int, total: int, memory_budget: int) -> int:

@@ -31,6 +31,7 @@ class AbstractModel(eqx.Module):
         filter_spec: PyTree | Callable = eqx.is_inexact_array,
         chunk_size: int | None = None,
         memory_budget: int | None = None,
+        method: str = "auto",
     ) -> PyTree:
         """The exact diagonal of the loss's Hessian with respect to this model's
         trainable parameters. See [`curvzoo.hessian_diagonal`][] for the arguments and
@@ -43,4 +44,5 @@ class AbstractModel(eqx.Module):
             filter_spec=filter_spec,
             chunk_size=chunk_size,
             memory_budget=memory_budget,
+            method=method,
         )

@@ -5,6 +5,7 @@ import jax
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._curvature._layers import Elementwise, Linear, make_param_layer, make_pool
 from ._base import AbstractModel
 
 
@@ -135,3 +136,18 @@ class CNN(AbstractModel):
         for conv in self.convs:
             x = self.pool(self.activation(conv(x)))
         return self.head(x.reshape(-1))
+
+    def _layer_ops(self) -> list:
+        """The chain of operations, for the structured kernel."""
+        ops = []
+        for i in range(len(self.convs)):
+            ops.append(make_param_layer(lambda m, i=i: m.convs[i], self, f"convs[{i}]"))
+            ops.append(Elementwise(self.activation, "activation"))
+            ops.append(make_pool(self.pool))
+        ops.append(Linear(_flatten, "flatten", keeps_diagonal=True))
+        ops.append(make_param_layer(lambda m: m.head, self, "head"))
+        return ops
+
+
+def _flatten(x):
+    return x.reshape(-1)

@@ -5,6 +5,7 @@ import jax
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._curvature._layers import Elementwise, make_param_layer
 from ._base import AbstractModel
 
 
@@ -94,3 +95,12 @@ class MLP(AbstractModel):
         for layer in self.layers[:-1]:
             x = self.activation(layer(x))
         return self.layers[-1](x)
+
+    def _layer_ops(self) -> list:
+        """The chain of operations, for the structured kernel."""
+        ops = []
+        for i in range(len(self.layers)):
+            ops.append(make_param_layer(lambda m, i=i: m.layers[i], self, f"layers[{i}]"))
+            if i < len(self.layers) - 1:
+                ops.append(Elementwise(self.activation, "activation"))
+        return ops

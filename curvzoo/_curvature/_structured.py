@@ -1,0 +1,286 @@
+"""The structured exact kernel for layered models: Hessian backpropagation.
+
+For one sample with per-sample loss `l(f)`, a chain `u_{i+1} = op_i(u_i)` (see
+`_layers.py`) and a parameter direction `e_p`, the Hessian's diagonal entry is
+
+    e_p^T H e_p = (J_f e_p)^T H_out (J_f e_p) + sum_k sum_j r_k[j] (J_{z_k} e_p)[j]^2,
+
+summed over activation sites `k` with inputs `z_k`, where
+`r_k = sigma''(z_k) * dl/da_k` and `H_out` is the Hessian of `l` in the prediction.
+(The products weight x input are bilinear, but no parameter sits on both sides of one
+product in a feed-forward chain, so they add nothing to the diagonal.)
+
+The Hessian with respect to any intermediate `u_i`, counting only the sites above it,
+is kept as a *state*: a sum of weighted outer products of columns plus a diagonal,
+
+    H_i = sum_cols w_c c c^T + sum_lazy w_k (M_k * s)(M_k * s)^T + diag(rdiag).
+
+At the output it is `H_out = sum_c w_c c c^T` (a loss's rank-`C` factor). Going down:
+
+- an activation scales every column by `sigma'(z)`, and its residual joins the
+  diagonal: `rdiag <- sigma'(z)^2 rdiag + sigma''(z) * dl/da`;
+- a dense layer maps columns by `W^T`; the diagonal turns into *lazy* columns, the rows of
+  `W` weighted by `rdiag` (shared by all samples, so `diag = s^2 * ((W * W)^T rdiag)` costs
+  one matrix-vector product). Lazy columns are made explicit only when they cross the next
+  non-elementwise op: residuals two or more layers up are the only full Jacobian products;
+- pooling and reshapes map columns by their transpose; max-pooling with disjoint windows
+  and reshapes keep a diagonal diagonal, anything else (a convolution, average pooling)
+  would turn it into as many columns as the layer has outputs, so the state below is
+  marked unavailable.
+
+Each layer with parameters then takes the cheaper exact route:
+
+- dense, reverse: output entry `i` sees weight row `i` only, so
+  `diag W[i, j] = sum_n a[n, j]^2 diag(H_z)[n, i]` (and `diag b = sum_n diag(H_z)`): one
+  matrix product over the batch with the squared inputs;
+- convolution, reverse (state available at its output): each column `c` gives
+  `(J^T c)_p`, a weight gradient, so `diag = sum_c w_c (J^T c)^2`, plus the diagonal part
+  `sum_j rdiag[j] (J e_p)[j]^2`, which is the weight gradient of the layer applied to the
+  squared input with cotangent `rdiag`;
+- forward (state unavailable at its output): one tangent per parameter of the layer is
+  pushed up through the ops until a boundary whose state is available, collecting
+  `r_k * tangent^2` at the activations it passes, then contracted with that state.
+"""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, PyTree
+
+from ._layers import describe, Elementwise, Linear, ParamLayer
+from ._memory import bytes_per_lane, chunk_from_budget
+
+
+@dataclasses.dataclass
+class _State:
+    """The Hessian of one sample's loss w.r.t. one intermediate (sites above it)."""
+
+    cols: list  # [(columns (K, *shape), weights (K,))]
+    lazy: list  # [(rows M (K, *shape), per-sample scale s (*shape), weights (K,))]
+    rdiag: Array | None
+
+    def explicit_columns(self) -> list:
+        return self.cols + [(rows * scale, w) for rows, scale, w in self.lazy]
+
+    def diagonal(self) -> Array:
+        total = 0.0
+        for cols, w in self.cols:
+            total = total + jnp.tensordot(w, cols**2, axes=1)
+        for rows, scale, w in self.lazy:
+            total = total + scale**2 * jnp.tensordot(w, rows**2, axes=1)
+        if self.rdiag is not None:
+            total = total + self.rdiag
+        return total
+
+    def quadratic(self, tangents: Array) -> Array:
+        """`t^T H t` for each of the tangents `(P, *shape)`, as `(P,)`."""
+        axes = tuple(range(1, tangents.ndim))
+        total = jnp.zeros(tangents.shape[0], tangents.dtype)
+        for cols, w in self.cols:
+            proj = jnp.tensordot(tangents, cols, axes=(axes, axes))
+            total = total + proj**2 @ w
+        for rows, scale, w in self.lazy:
+            proj = jnp.tensordot(tangents * scale, rows, axes=(axes, axes))
+            total = total + proj**2 @ w
+        if self.rdiag is not None:
+            total = total + jnp.sum(tangents**2 * self.rdiag, axis=axes)
+        return total
+
+
+def _linear_pullback(op, model, u):
+    """The transpose of `op`'s Jacobian in its input at `u` (params held fixed)."""
+    _, vjp = jax.vjp(lambda v: op.apply(model, v), u)
+    return lambda cotangent: vjp(cotangent)[0]
+
+
+def _pull(op, model, state: _State, u: Array, g_out: Array) -> _State | None:
+    """The state below `op` from the state above it; `None` if not representable."""
+    if isinstance(op, Elementwise):
+        d1, d2 = op.derivatives(u)
+        residual = d2 * g_out
+        rdiag = residual if state.rdiag is None else state.rdiag * d1**2 + residual
+        return _State(
+            [(c * d1, w) for c, w in state.cols],
+            [(rows, scale * d1, w) for rows, scale, w in state.lazy],
+            rdiag,
+        )
+    pull = _linear_pullback(op, model, u)
+    cols = [(jax.vmap(pull)(c), w) for c, w in state.explicit_columns()]
+    if state.rdiag is None:
+        return _State(cols, [], None)
+    if isinstance(op, ParamLayer) and op.dense and u.ndim == 1:
+        weight = op.layer(model).weight
+        return _State(cols, [(weight, jnp.ones_like(u), state.rdiag)], None)
+    if isinstance(op, Linear) and op.keeps_diagonal:
+        return _State(cols, [], pull(state.rdiag))
+    return None
+
+
+def _split_layer(op: ParamLayer, model):
+    return eqx.partition(op.layer(model), eqx.is_inexact_array)
+
+
+def _reverse_contribution(op, model, state: _State, u: Array) -> PyTree:
+    """Diagonal for a non-dense layer from the state at its output."""
+    params, static = _split_layer(op, model)
+    _, vjp = jax.vjp(lambda p: eqx.combine(p, static)(u), params)
+    total = jax.tree.map(jnp.zeros_like, params)
+    for cols, w in state.explicit_columns():
+        grads = jax.vmap(lambda c: vjp(c)[0])(cols)
+        total = jax.tree.map(
+            lambda t, g: t + jnp.tensordot(w, g**2, axes=1), total, grads
+        )
+    if state.rdiag is not None:
+        _, vjp_sq = jax.vjp(lambda p: eqx.combine(p, static)(u**2), params)
+        total = jax.tree.map(jnp.add, total, vjp_sq(state.rdiag)[0])
+    return total
+
+
+def _forward_contribution(index, ops, model, states, us, gs) -> PyTree:
+    """Diagonal for layer `index` by one tangent per parameter, pushed up to the first
+    boundary whose state is available."""
+    op = ops[index]
+    params, static = _split_layer(op, model)
+    flat, unravel = ravel_pytree(params)
+
+    def tangent(i):
+        basis = unravel(jax.nn.one_hot(i, flat.size, dtype=flat.dtype))
+        return jax.jvp(lambda p: eqx.combine(p, static)(us[index]), (params,), (basis,))[1]
+
+    tangents = jax.vmap(tangent)(jnp.arange(flat.size))
+    total = jnp.zeros(flat.size, flat.dtype)
+    j = index + 1
+    while states[j] is None:
+        above = ops[j]
+        if isinstance(above, Elementwise):
+            d1, d2 = above.derivatives(us[j])
+            axes = tuple(range(1, tangents.ndim))
+            total = total + jnp.sum(tangents**2 * (d2 * gs[j + 1]), axis=axes)
+            tangents = tangents * d1
+        else:
+            _, push = jax.linearize(lambda v: above.apply(model, v), us[j])
+            tangents = jax.vmap(push)(tangents)
+        j += 1
+    return unravel(total + states[j].quadratic(tangents))
+
+
+def _per_sample(model, ops, trainable, loss, x, y):
+    """One sample's pieces: for a dense layer `(input**2, diag(H_z))`, otherwise its
+    diagonal as a layer-shaped PyTree (of the per-sample loss, unscaled)."""
+    us = [x]
+    for op in ops:
+        us.append(op.apply(model, us[-1]))
+    prediction = us[-1]
+    lowest = min(trainable)
+
+    gs = [None] * len(us)
+    gs[-1] = jax.grad(loss.per_sample)(prediction, y)
+    for i in reversed(range(lowest + 1, len(ops))):
+        gs[i] = _linear_pullback(ops[i], model, us[i])(gs[i + 1])
+
+    cols, weights = loss.output_hessian_factor(prediction, y)
+    states = [None] * len(us)
+    states[-1] = _State([(cols, weights)], [], None)
+    for i in reversed(range(lowest + 1, len(ops))):
+        if states[i + 1] is None:
+            break
+        states[i] = _pull(ops[i], model, states[i + 1], us[i], gs[i + 1])
+
+    pieces = []
+    for index in trainable:
+        op, state = ops[index], states[index + 1]
+        if state is not None and op.dense and us[index].ndim == 1:
+            pieces.append((us[index] ** 2, state.diagonal()))
+        elif state is not None:
+            pieces.append(_reverse_contribution(op, model, state, us[index]))
+        else:
+            pieces.append(_forward_contribution(index, ops, model, states, us, gs))
+    return pieces
+
+
+def _pad(tree: PyTree, size: int) -> PyTree:
+    """Pad the leading axis to `size` by repeating the first sample (masked out later)."""
+
+    def pad(leaf):
+        extra = size - leaf.shape[0]
+        return jnp.concatenate([leaf, jnp.repeat(leaf[:1], extra, axis=0)]) if extra else leaf
+
+    return jax.tree.map(pad, tree)
+
+
+@eqx.filter_jit
+def structured_hessian_diagonal(
+    params: PyTree,
+    static: PyTree,
+    loss,
+    batch: PyTree,
+    chunk_size: int | None,
+    memory_budget: int,
+) -> PyTree:
+    """Exact `diag(H)` of a curvzoo loss for a layered model, by Hessian
+    backpropagation (see the module docstring).
+
+    Cost, per sample: a forward and a backward pass, the loss Hessian's `C` columns
+    pulled down through every layer (`C` extra backward passes, as matrix products),
+    one matrix-vector product with `W * W` per activation for residuals one layer up,
+    a full Jacobian product (`d^3` for width `d`) per residual two or more dense layers
+    up, and for a convolution either `C` weight gradients (reverse) or one tangent per
+    parameter pushed through the layers above until the next available state
+    (forward). The batch contraction of a dense layer is one matrix product.
+    Memory: samples are processed in chunks of `chunk_size` (from `memory_budget`
+    when `None`), each holding its states and tangents; nothing grows with the batch.
+    """
+    model = eqx.combine(params, static)
+    ops = describe(model)
+    mask_tree = jax.tree.map(lambda leaf: leaf is not None, params, is_leaf=lambda x: x is None)
+    trainable = [
+        i
+        for i, op in enumerate(ops)
+        if isinstance(op, ParamLayer) and any(jax.tree.leaves(op.layer(mask_tree)))
+    ]
+    inputs, targets = batch
+    inputs = jnp.asarray(inputs)
+    targets = jnp.asarray(targets)
+    num = inputs.shape[0]
+
+    def per_sample(x, y):
+        return _per_sample(model, ops, trainable, loss, x, y)
+
+    if chunk_size is None:
+        lane = bytes_per_lane(lambda xy: per_sample(*xy), (inputs[0], targets[0]))
+        chunk_size = chunk_from_budget(lane, num, memory_budget)
+    chunk_size = min(chunk_size, num)
+    num_chunks = -(-num // chunk_size)
+    padded = num_chunks * chunk_size
+    mask = (jnp.arange(padded) < num).astype(inputs.dtype)
+
+    def chunked(leaf):
+        return _pad(leaf, padded).reshape(num_chunks, chunk_size, *leaf.shape[1:])
+
+    layers = [_split_layer(ops[i], model) for i in trainable]
+
+    def accumulate(totals, chunk):
+        x, y, m = chunk
+        pieces = jax.vmap(per_sample)(x, y)
+        new = []
+        for total, piece, index, (lp, ls) in zip(totals, pieces, trainable, layers):
+            if isinstance(piece, tuple):  # dense: contract the batch in one product
+                squared_inputs, hz = piece
+                _, vjp = jax.vjp(lambda p: jax.vmap(eqx.combine(p, ls))(squared_inputs), lp)
+                contribution = vjp(hz * m[:, None])[0]
+            else:
+                contribution = jax.tree.map(lambda leaf: jnp.tensordot(m, leaf, axes=1), piece)
+            new.append(jax.tree.map(jnp.add, total, contribution))
+        return new, None
+
+    zeros = [jax.tree.map(jnp.zeros_like, lp) for lp, _ in layers]
+    totals, _ = jax.lax.scan(
+        accumulate, zeros, (chunked(inputs), chunked(targets), mask.reshape(num_chunks, -1))
+    )
+    scale = loss.scale(num, jax.eval_shape(model, inputs[0]).shape)
+    diagonals = [eqx.combine(jax.tree.map(lambda t: scale * t, t), ls) for t, (_, ls) in zip(totals, layers)]
+    full = eqx.tree_at(lambda m: [ops[i].layer(m) for i in trainable], model, diagonals)
+    return eqx.filter(full, mask_tree)

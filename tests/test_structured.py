@@ -1,0 +1,218 @@
+"""The structured kernel for MLP and CNN against `jax.hessian` and the generic kernel."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import curvzoo as cz
+from curvzoo._curvature._layers import describe
+
+from .helpers import (
+    assert_diagonal_close,
+    LOSS_CLASSES,
+    make_batch,
+    reference_hessian_diagonal,
+    tree_allclose,
+)
+
+
+ACTIVATIONS = {
+    "tanh": jax.nn.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "softplus": jax.nn.softplus,
+}
+
+
+def _check(model, loss, batch):
+    result = model.hessian_diagonal(loss, batch, method="structured")
+    assert_diagonal_close(result, reference_hessian_diagonal(model, loss, batch))
+    return result
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss_name", sorted(LOSS_CLASSES))
+@pytest.mark.parametrize("depth", [0, 1, 2, 3, 4])
+def test_mlp_depths(depth, loss_name, reduction, getkey):
+    model = cz.MLP(3, 3, 4, depth, key=getkey())
+    loss = LOSS_CLASSES[loss_name](reduction=reduction)
+    _check(model, loss, make_batch(model, loss_name, getkey()))
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("depth", [2, 4])
+def test_mlp_activations(activation, depth, getkey):
+    model = cz.MLP(3, 3, 5, depth, activation=ACTIVATIONS[activation], key=getkey())
+    batch = make_batch(model, "ce", getkey(), batch_size=7)
+    result = _check(model, cz.losses.cross_entropy, batch)
+    generic = model.hessian_diagonal(cz.losses.cross_entropy, batch, method="generic")
+    assert_diagonal_close(result, generic)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss_name", sorted(LOSS_CLASSES))
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_cnn(pool, loss_name, reduction, getkey):
+    model = cz.CNN(2, 3, (11, 10), channels=(2, 3), pool=pool, key=getkey())
+    loss = LOSS_CLASSES[loss_name](reduction=reduction)
+    _check(model, loss, make_batch(model, loss_name, getkey(), batch_size=3))
+
+
+@pytest.mark.parametrize("activation", ["relu", "softplus"])
+def test_cnn_activations_and_three_convs(activation, getkey):
+    model = cz.CNN(
+        1, 2, 22, channels=(2, 2, 2), activation=ACTIVATIONS[activation], key=getkey()
+    )
+    batch = make_batch(model, "bce", getkey(), batch_size=3)
+    _check(model, cz.losses.BCEWithLogits(reduction="sum"), batch)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 7])
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_batch_and_chunk_sizes(batch_size, chunk_size, getkey):
+    model = cz.MLP(3, 3, 4, 3, activation=jax.nn.softplus, key=getkey())
+    batch = make_batch(model, "ce", getkey(), batch_size=batch_size)
+    result = model.hessian_diagonal(
+        cz.losses.cross_entropy, batch, method="structured", chunk_size=chunk_size
+    )
+    assert_diagonal_close(result, reference_hessian_diagonal(model, cz.losses.cross_entropy, batch))
+
+
+def test_cnn_chunks(getkey):
+    model = cz.CNN(1, 3, 10, channels=(2, 2), pool="avg", key=getkey())
+    batch = make_batch(model, "ce", getkey(), batch_size=5)
+    whole = model.hessian_diagonal(cz.losses.cross_entropy, batch, method="structured")
+    for chunk_size in (1, 2):
+        chunked = model.hessian_diagonal(
+            cz.losses.cross_entropy, batch, method="structured", chunk_size=chunk_size
+        )
+        assert tree_allclose(whole, chunked, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "frozen",
+    [
+        lambda m: m.layers[1].weight,
+        lambda m: (m.layers[0].weight, m.layers[0].bias),
+        lambda m: (m.layers[2].bias, m.layers[1].bias),
+    ],
+)
+def test_mlp_frozen_leaves(frozen, getkey):
+    model = cz.MLP(3, 3, 4, 2, key=getkey())
+    batch = make_batch(model, "mse", getkey())
+    spec = jax.tree.map(lambda _: True, model)
+    leaves = frozen(spec)
+    spec = eqx.tree_at(frozen, spec, jax.tree.map(lambda _: False, leaves))
+    result = model.hessian_diagonal(cz.losses.mse, batch, filter_spec=spec, method="structured")
+    for leaf in jax.tree.leaves(frozen(jax.tree.map(lambda x: x is None, result, is_leaf=lambda x: x is None))):
+        assert leaf
+    generic = model.hessian_diagonal(cz.losses.mse, batch, filter_spec=spec, method="generic")
+    assert jax.tree.structure(result) == jax.tree.structure(generic)
+    assert_diagonal_close(result, generic)
+    assert_diagonal_close(result, reference_hessian_diagonal(model, cz.losses.mse, batch, spec))
+
+
+def test_cnn_frozen_convolution(getkey):
+    model = cz.CNN(1, 3, 10, channels=(2, 2), key=getkey())
+    batch = make_batch(model, "ce", getkey())
+    spec = jax.tree.map(lambda _: True, model)
+    spec = eqx.tree_at(lambda s: (s.convs[1].weight, s.head), spec, (False, False))
+    result = model.hessian_diagonal(cz.losses.cross_entropy, batch, filter_spec=spec)
+    assert result.convs[1].weight is None and result.head.weight is None
+    assert result.convs[1].bias is not None
+    expected = reference_hessian_diagonal(model, cz.losses.cross_entropy, batch, spec)
+    assert_diagonal_close(result, expected)
+
+
+def test_layer_chain_reproduces_the_model(getkey):
+    for model in (
+        cz.MLP(3, 2, 4, 3, key=getkey()),
+        cz.CNN(2, 3, 12, channels=(3, 2), pool="avg", key=getkey()),
+    ):
+        x = jr.normal(getkey(), (model.in_size,) if isinstance(model, cz.MLP) else (2, 12, 12))
+        u = x
+        for op in describe(model):
+            u = op.apply(model, u)
+        assert jnp.array_equal(u, model(x))
+
+
+def test_auto_dispatch(getkey, monkeypatch):
+    """`auto` takes the structured kernel for zoo MLP/CNN with curvzoo losses and the
+    generic kernel otherwise."""
+    from curvzoo._curvature import _api
+
+    calls = []
+    for name in ("structured_hessian_diagonal", "generic_hessian_diagonal"):
+        original = getattr(_api, name)
+
+        def spy(*args, _name=name, _original=original):
+            calls.append(_name.split("_")[0])
+            return _original(*args)
+
+        monkeypatch.setattr(_api, name, spy)
+
+    mlp = cz.MLP(3, 2, 4, 1, key=getkey())
+    cnn = cz.CNN(1, 2, 10, channels=(2, 2), key=getkey())
+    rnn = cz.RNN(2, 3, 2, cell="gru", key=getkey())
+    for model in (mlp, cnn, rnn):
+        model.hessian_diagonal(cz.losses.cross_entropy, make_batch(model, "ce", getkey()))
+
+    def custom(model, batch):
+        return cz.losses.cross_entropy(model, batch)
+
+    mlp.hessian_diagonal(custom, make_batch(mlp, "ce", getkey()))
+    softmax_mlp = cz.MLP(3, 2, 4, 1, activation=jax.nn.softmax, key=getkey())
+    softmax_mlp.hessian_diagonal(cz.losses.cross_entropy, make_batch(mlp, "ce", getkey()))
+    assert calls == ["structured", "structured", "generic", "generic", "generic"]
+
+
+def test_forced_structured_names_the_unsupported_part(getkey):
+    rnn = cz.RNN(2, 3, 2, cell="gru", key=getkey())
+    with pytest.raises(ValueError, match="`method='structured'`.*`model`.*RNN"):
+        rnn.hessian_diagonal(
+            cz.losses.cross_entropy, make_batch(rnn, "ce", getkey()), method="structured"
+        )
+    mlp = cz.MLP(3, 2, 4, 1, key=getkey())
+    with pytest.raises(ValueError, match="`method='structured'`.*`loss` is a custom callable"):
+        mlp.hessian_diagonal(
+            lambda m, b: cz.losses.mse(m, b), make_batch(mlp, "mse", getkey()), method="structured"
+        )
+    softmax_mlp = cz.MLP(3, 2, 4, 1, activation=jax.nn.softmax, key=getkey())
+    with pytest.raises(ValueError, match="activation.*not an elementwise function"):
+        softmax_mlp.hessian_diagonal(
+            cz.losses.cross_entropy, make_batch(mlp, "ce", getkey()), method="structured"
+        )
+    model = eqx.nn.MLP(3, 2, 4, 1, key=getkey())
+    with pytest.raises(ValueError, match="`method='structured'`.*MLP"):
+        cz.hessian_diagonal(
+            model, cz.losses.mse, (jnp.zeros((2, 3)), jnp.zeros((2, 2))), method="structured"
+        )
+
+
+def test_bad_method(getkey):
+    mlp = cz.MLP(3, 2, 4, 1, key=getkey())
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        mlp.hessian_diagonal(cz.losses.mse, make_batch(mlp, "mse", getkey()), method="fast")
+
+
+def test_custom_loss_subclass_uses_eigendecomposition(getkey):
+    """A user subclass of `AbstractLoss` without a closed-form factor still works."""
+
+    class Cosh(cz.losses.AbstractLoss):
+        reduction: str = "mean"
+
+        def per_sample(self, prediction, target):
+            return jnp.sum(jnp.log(jnp.cosh(prediction - target)) + prediction[0] * prediction[-1])
+
+        def elements_per_sample(self, prediction_shape):
+            return 1
+
+        def check_shapes(self, prediction_shape, target_shape, target_dtype):
+            pass
+
+    model = cz.MLP(3, 3, 4, 2, key=getkey())
+    batch = make_batch(model, "mse", getkey())
+    _check(model, Cosh(), batch)
