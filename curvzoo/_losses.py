@@ -11,7 +11,6 @@ the sum over samples by (`scale`). For every curvzoo loss
 
 import abc
 import math
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -21,10 +20,6 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar
 
 
 _REDUCTIONS = ("mean", "sum")
-
-
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def split_batch(batch: PyTree) -> tuple[PyTree, PyTree]:
@@ -126,18 +121,13 @@ class AbstractLoss(eqx.Module):
         losses = jax.vmap(self.per_sample)(predictions, targets)
         return self.scale(predictions.shape[0], predictions.shape[1:]) * jnp.sum(losses)
 
-    def validate(self, model, batch: PyTree) -> None:
-        """Check `batch` against `model` before any heavy work.
-
-        Shapes are checked by tracing (no compute); target values are checked too
-        where they are concrete (not inside an outer `jax.jit`).
-        """
+    def prediction_shape(self, model, batch: PyTree) -> tuple[int, ...]:
+        """The shape of the batch of predictions, with the targets' shapes checked
+        against it. Traces the model (no compute)."""
         inputs, targets = split_batch(batch)
         predictions = eqx.filter_eval_shape(self.predict, model, inputs)
-        targets_shape = jnp.shape(targets)
-        self.check_shapes(predictions.shape, targets_shape, jnp.result_type(targets))
-        if _is_concrete(targets):
-            self.check_values(predictions.shape, np.asarray(targets))
+        self.check_shapes(predictions.shape, jnp.shape(targets), jnp.result_type(targets))
+        return tuple(predictions.shape)
 
 
 class CrossEntropy(AbstractLoss):

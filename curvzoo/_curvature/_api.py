@@ -5,6 +5,7 @@ import equinox as eqx
 from jaxtyping import PyTree
 
 from ._checks import (
+    cached,
     check_batch,
     check_loss,
     check_loss_output,
@@ -30,7 +31,7 @@ def _structured_support(model, loss) -> str | None:
             "(`curvzoo.losses.*`), which exposes its per-sample form"
         )
     try:
-        check_supported(model)
+        cached("structure", lambda: check_supported(model) and None, model)
     except Unsupported as error:
         return f"`model` has a part the structured kernel does not support: {error}"
     return None

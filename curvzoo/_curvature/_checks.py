@@ -4,6 +4,7 @@ Each raises a `ValueError` or `TypeError` that names the offending argument, bef
 heavy work (shapes are checked by tracing, not by running the model).
 """
 
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -113,10 +114,45 @@ def split_trainable(model: eqx.Module, filter_spec: PyTree | Callable) -> tuple:
     return params, static
 
 
-def check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> None:
-    """Trace `loss(model, batch)` (no compute) and check that it is a real scalar."""
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_CACHE_SIZE = 256
+
+
+def cached(name: str, compute: Callable, *trees) -> Any:
+    """`compute()`, remembered for inputs with the same structure, shapes and dtypes.
+
+    Checks that trace a model cost milliseconds; like `jax.jit`, they only depend on
+    the treedef (static fields included) and on the arrays' shapes and dtypes, so a
+    repeated call with the same shapes skips them. Failures are not remembered, and
+    inputs that cannot be hashed are never cached.
+    """
+    leaves, treedef = jax.tree.flatten(trees)
+    signature = tuple(
+        (jnp.shape(leaf), jnp.result_type(leaf), getattr(leaf, "weak_type", False))
+        if _is_array(leaf)
+        else leaf
+        for leaf in leaves
+    )
+    key = (name, treedef, signature)
+    try:
+        hit = key in _CACHE
+    except TypeError:  # an unhashable static part
+        return compute()
+    if hit:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = compute()
+    _CACHE[key] = value
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def _trace_loss(loss: Callable, model: eqx.Module, batch: PyTree):
     if isinstance(loss, AbstractLoss):
-        loss.validate(model, batch)
+        prediction_shape = loss.prediction_shape(model, batch)
+    else:
+        prediction_shape = None
     out = eqx.filter_eval_shape(loss, model, batch)
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
         shape = getattr(out, "shape", None)
@@ -126,3 +162,15 @@ def check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> None:
         raise ValueError(
             f"`loss` must return a real floating-point scalar, got dtype {out.dtype}."
         )
+    return prediction_shape
+
+
+def check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> None:
+    """Trace `loss(model, batch)` (no compute; remembered per shapes) and check that it
+    is a real scalar and, for a curvzoo loss, that the targets fit the predictions.
+    Target values are checked too where they are concrete (outside `jax.jit`)."""
+    prediction_shape = cached("loss", lambda: _trace_loss(loss, model, batch), loss, model, batch)
+    if isinstance(loss, AbstractLoss):
+        targets = batch[1]
+        if not isinstance(targets, jax.core.Tracer):
+            loss.check_values(prediction_shape, np.asarray(targets))

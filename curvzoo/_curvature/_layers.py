@@ -44,10 +44,19 @@ class ParamLayer:
         return self.where(model)(u)
 
 
+_PIECEWISE_LINEAR = (jax.nn.relu, jax.nn.relu6, jax.nn.hard_tanh)
+
+
 @dataclasses.dataclass(frozen=True)
 class Elementwise:
     fn: Callable
     name: str
+
+    @property
+    def has_residual(self) -> bool:
+        """False for activations that are linear where they are differentiable (ReLU,
+        ReLU6, hard tanh): their second derivative is zero, so is their residual."""
+        return not any(self.fn is known for known in _PIECEWISE_LINEAR)
 
     def apply(self, model, u):
         del model

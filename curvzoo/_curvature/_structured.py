@@ -100,8 +100,10 @@ def _pull(op, model, state: _State, u: Array, g_out: Array) -> _State | None:
     """The state below `op` from the state above it; `None` if not representable."""
     if isinstance(op, Elementwise):
         d1, d2 = op.derivatives(u)
-        residual = d2 * g_out
-        rdiag = residual if state.rdiag is None else state.rdiag * d1**2 + residual
+        rdiag = None if state.rdiag is None else state.rdiag * d1**2
+        if op.has_residual:
+            residual = d2 * g_out
+            rdiag = residual if rdiag is None else rdiag + residual
         return _State(
             [(c * d1, w) for c, w in state.cols],
             [(rows, scale * d1, w) for rows, scale, w in state.lazy],
@@ -157,8 +159,9 @@ def _forward_contribution(index, ops, model, states, us, gs) -> PyTree:
         above = ops[j]
         if isinstance(above, Elementwise):
             d1, d2 = above.derivatives(us[j])
-            axes = tuple(range(1, tangents.ndim))
-            total = total + jnp.sum(tangents**2 * (d2 * gs[j + 1]), axis=axes)
+            if above.has_residual:
+                axes = tuple(range(1, tangents.ndim))
+                total = total + jnp.sum(tangents**2 * (d2 * gs[j + 1]), axis=axes)
             tangents = tangents * d1
         else:
             _, push = jax.linearize(lambda v: above.apply(model, v), us[j])
@@ -254,6 +257,7 @@ def structured_hessian_diagonal(
         chunk_size = chunk_from_budget(lane, num, memory_budget)
     chunk_size = min(chunk_size, num)
     num_chunks = -(-num // chunk_size)
+    chunk_size = -(-num // num_chunks)  # as even as possible: least padding
     padded = num_chunks * chunk_size
     mask = (jnp.arange(padded) < num).astype(inputs.dtype)
 

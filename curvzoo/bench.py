@@ -1,0 +1,180 @@
+"""Benchmarks: exact Hessian diagonals against the gradient, side by side.
+
+Run `python -m curvzoo.bench` for every row, or `--rows mlp2,small` for some;
+`--json results.json` also writes the table as JSON. Each row runs in its own
+subprocess, so that its peak resident memory (`ru_maxrss`) is its own; within a row,
+the gradient and the diagonal kernels are timed in the same process, one after the
+other, as the median of `--repeats` calls after a warm-up (compilation excluded).
+
+Rows (float32, cross-entropy, tanh):
+
+- `mlp2`: MLP 784-256-256-10, batch 128. Target: structured within 4x the gradient.
+- `mlp4`: MLP 784-256-256-256-256-10, batch 128. Target: within 20x the gradient.
+- `cnn`: the zoo CNN, channels (8, 16), kernel 3, 1x28x28 input, 10 classes, batch 128.
+  Target: within 50x the gradient, peak memory under 2 GiB.
+- `small`: MLP 64-64-64-10 (P = 8970), batch 128, where the generic kernel is timed
+  too. Target: structured at least 200x faster than generic.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+ROWS = ("mlp2", "mlp4", "cnn", "small")
+TARGETS = {
+    "mlp2": ("structured / gradient", "<=", 4.0),
+    "mlp4": ("structured / gradient", "<=", 20.0),
+    "cnn": ("structured / gradient", "<=", 50.0),
+    "small": ("generic / structured", ">=", 200.0),
+}
+MEMORY_TARGETS = {"cnn": 2 * 2**30}
+
+
+def _build(row: str, seed: int):
+    import jax
+    import jax.random as jr
+
+    import curvzoo as cz
+
+    key_model, key_x, key_y = jr.split(jr.key(seed), 3)
+    batch_size = 128
+    if row == "mlp2":
+        model = cz.MLP(784, 10, 256, 2, activation=jax.nn.tanh, key=key_model)
+        x = jr.normal(key_x, (batch_size, 784))
+    elif row == "mlp4":
+        model = cz.MLP(784, 10, 256, 4, activation=jax.nn.tanh, key=key_model)
+        x = jr.normal(key_x, (batch_size, 784))
+    elif row == "cnn":
+        model = cz.CNN(1, 10, 28, channels=(8, 16), kernel_size=3, key=key_model)
+        x = jr.normal(key_x, (batch_size, 1, 28, 28))
+    elif row == "small":
+        model = cz.MLP(64, 10, 64, 2, activation=jax.nn.tanh, key=key_model)
+        x = jr.normal(key_x, (batch_size, 64))
+    else:
+        raise ValueError(f"unknown row {row!r}; rows are {ROWS}")
+    y = jr.randint(key_y, (batch_size,), 0, 10)
+    return model, (x, y)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _worker(row: str, repeats: int, seed: int) -> dict:
+    """Measure one row in this process and return its figures."""
+    import equinox as eqx
+    import jax
+
+    import curvzoo as cz
+
+    model, batch = _build(row, seed)
+    loss = cz.losses.cross_entropy
+    num_params = sum(
+        leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    )
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    result = {"row": row, "params": int(num_params), "batch": int(batch[0].shape[0])}
+    result["gradient_s"] = _median_seconds(lambda: grad(model, batch), max(repeats, 20))
+    rss_before = _peak_rss_bytes()
+    result["structured_s"] = _median_seconds(
+        lambda: model.hessian_diagonal(loss, batch, method="structured"), repeats
+    )
+    result["structured_peak_rss_bytes"] = _peak_rss_bytes()
+    result["rss_before_structured_bytes"] = rss_before
+    result["structured_over_gradient"] = result["structured_s"] / result["gradient_s"]
+    if row == "small":
+        result["generic_s"] = _median_seconds(
+            lambda: model.hessian_diagonal(loss, batch, method="generic"), max(1, repeats // 2)
+        )
+        result["generic_over_gradient"] = result["generic_s"] / result["gradient_s"]
+        result["generic_over_structured"] = result["generic_s"] / result["structured_s"]
+    name, relation, bound = TARGETS[row]
+    value = (
+        result["generic_over_structured"] if row == "small" else result["structured_over_gradient"]
+    )
+    met = value <= bound if relation == "<=" else value >= bound
+    if row in MEMORY_TARGETS:
+        met = met and result["structured_peak_rss_bytes"] < MEMORY_TARGETS[row]
+    result["target"] = f"{name} {relation} {bound:g}" + (
+        f", peak < {MEMORY_TARGETS[row] / 2**30:g} GiB" if row in MEMORY_TARGETS else ""
+    )
+    result["target_met"] = bool(met)
+    result["device"] = str(jax.devices()[0].device_kind)
+    return result
+
+
+def _format_table(results: list[dict]) -> str:
+    header = (
+        f"{'row':<6} {'P':>8} {'grad ms':>9} {'struct ms':>10} {'struct/grad':>12} "
+        f"{'generic ms':>11} {'gen/struct':>11} {'peak RSS MiB':>13}  target"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        generic = f"{r['generic_s'] * 1e3:11.1f}" if "generic_s" in r else f"{'-':>11}"
+        ratio = f"{r['generic_over_structured']:11.0f}" if "generic_s" in r else f"{'-':>11}"
+        lines.append(
+            f"{r['row']:<6} {r['params']:>8} {r['gradient_s'] * 1e3:9.2f} "
+            f"{r['structured_s'] * 1e3:10.2f} {r['structured_over_gradient']:12.1f} "
+            f"{generic} {ratio} {r['structured_peak_rss_bytes'] / 2**20:13.0f}  "
+            f"{r['target']}: {'met' if r['target_met'] else 'MISSED'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        prog="python -m curvzoo.bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows")
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per kernel")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args.repeats, args.seed)))
+        return []
+    rows = [row.strip() for row in args.rows.split(",") if row.strip()]
+    unknown = [row for row in rows if row not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; rows are {', '.join(ROWS)}")
+    results = []
+    for row in rows:
+        command = [
+            sys.executable, "-m", "curvzoo.bench", "--worker", row,
+            "--repeats", str(args.repeats), "--seed", str(args.seed),
+        ]  # fmt: skip
+        print(f"measuring {row} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.stderr.write(done.stderr)
+            raise SystemExit(f"row {row} failed")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(_format_table(results))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(results, file, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
