@@ -36,7 +36,7 @@ def reference_hessian_diagonal(model, loss, batch, filter_spec=eqx.is_inexact_ar
     def f(vector):
         return loss(eqx.combine(unravel(vector), static), batch)
 
-    return unravel(jnp.diag(jax.hessian(f)(flat)))
+    return unravel(jnp.diag(jax.jit(jax.hessian(f))(flat)))
 
 
 def assert_diagonal_close(result, expected, rtol=1e-10):
