@@ -86,6 +86,24 @@ class AbstractLoss(eqx.Module):
         eigenvalues, eigenvectors = jnp.linalg.eigh(hessian)
         return eigenvectors.T.reshape(size, *prediction.shape), eigenvalues
 
+    def output_hessian_step_factor(
+        self, prediction: Float[Array, "steps size"], target: Array
+    ) -> tuple[Array, Array]:
+        """For a loss that is a sum of independent per-step terms, the Hessian of each
+        step's term in that step's prediction, as weighted outer products.
+
+        **Arguments:** `prediction` of shape `(T, C)`; `target` with the matching
+        leading axis `T`.
+
+        **Returns:** `(columns, weights)` with shapes `(T, K, C)` and `(T, K)`.
+
+        The recurrent structured kernel needs this; a loss that does not separate over
+        steps does not define it (the default raises `NotImplementedError`).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define a per-step Hessian factor."
+        )
+
     def check_values(self, prediction_shape: tuple[int, ...], targets: np.ndarray) -> None:
         """Check concrete target values (not tracers); the default accepts anything."""
         del prediction_shape, targets
@@ -176,6 +194,13 @@ class CrossEntropy(AbstractLoss):
         columns = columns.reshape(steps * num_classes, *prediction.shape)
         return columns, jnp.ones(steps * num_classes, probs.dtype)
 
+    def output_hessian_step_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
+        del target
+        probs = jax.nn.softmax(prediction, axis=-1)
+        eye = jnp.eye(prediction.shape[-1], dtype=probs.dtype)
+        columns = jnp.sqrt(probs)[:, :, None] * (eye[None] - probs[:, None, :])
+        return columns, jnp.ones(probs.shape, probs.dtype)
+
     def check_shapes(self, prediction_shape, target_shape, target_dtype) -> None:
         if len(prediction_shape) < 2:
             raise ValueError(
@@ -224,6 +249,12 @@ class MSE(AbstractLoss):
         columns = jnp.eye(size, dtype=prediction.dtype).reshape(size, *prediction.shape)
         return columns, jnp.full(size, 2.0, prediction.dtype)
 
+    def output_hessian_step_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
+        del target
+        steps, size = prediction.shape
+        columns = jnp.broadcast_to(jnp.eye(size, dtype=prediction.dtype), (steps, size, size))
+        return columns, jnp.full((steps, size), 2.0, prediction.dtype)
+
     def elements_per_sample(self, prediction_shape: tuple[int, ...]) -> int:
         return math.prod(prediction_shape)
 
@@ -255,6 +286,13 @@ class BCEWithLogits(AbstractLoss):
         size = prediction.size
         columns = jnp.eye(size, dtype=prediction.dtype).reshape(size, *prediction.shape)
         prob = jax.nn.sigmoid(prediction.reshape(-1))
+        return columns, prob * (1 - prob)
+
+    def output_hessian_step_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
+        del target
+        steps, size = prediction.shape
+        columns = jnp.broadcast_to(jnp.eye(size, dtype=prediction.dtype), (steps, size, size))
+        prob = jax.nn.sigmoid(prediction)
         return columns, prob * (1 - prob)
 
     def elements_per_sample(self, prediction_shape: tuple[int, ...]) -> int:

@@ -17,24 +17,32 @@ from .._losses import AbstractLoss
 from ._generic import generic_hessian_diagonal
 from ._layers import check_supported, Unsupported
 from ._memory import DEFAULT_MEMORY_BUDGET
+from ._recurrent import recurrent_hessian_diagonal
 from ._structured import structured_hessian_diagonal
 
 
 _METHODS = ("auto", "structured", "generic")
 
 
-def _structured_support(model, loss) -> str | None:
-    """`None` if the structured kernel takes `(model, loss)`, else the reason why not."""
+def _structured_kernel(model, loss) -> tuple[Callable | None, str | None]:
+    """The structured kernel that takes `(model, loss)`, or `None` and the reason."""
     if not isinstance(loss, AbstractLoss):
-        return (
+        return None, (
             "`loss` is a custom callable; the structured kernel needs a curvzoo loss "
             "(`curvzoo.losses.*`), which exposes its per-sample form"
         )
+    if hasattr(model, "_recurrent_chain"):
+        if type(loss).output_hessian_step_factor is AbstractLoss.output_hessian_step_factor:
+            return None, (
+                f"`loss` ({type(loss).__name__}) defines no per-step Hessian factor "
+                "(`output_hessian_step_factor`), which the recurrent kernel needs"
+            )
+        return recurrent_hessian_diagonal, None
     try:
         cached("structure", lambda: check_supported(model) and None, model)
     except Unsupported as error:
-        return f"`model` has a part the structured kernel does not support: {error}"
-    return None
+        return None, f"`model` has a part the structured kernel does not support: {error}"
+    return structured_hessian_diagonal, None
 
 
 # Arguments are checked below with errors that name them, so the test-time runtime
@@ -110,9 +118,9 @@ def hessian_diagonal(
     if memory_budget is None:
         memory_budget = DEFAULT_MEMORY_BUDGET
     if method != "generic":
-        reason = _structured_support(model, loss)
-        if reason is None:
-            return structured_hessian_diagonal(
+        kernel, reason = _structured_kernel(model, loss)
+        if kernel is not None:
+            return kernel(
                 params,
                 static,
                 loss,

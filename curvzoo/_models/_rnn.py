@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._curvature._recurrent import RecurrentChain
 from ._base import AbstractModel
 
 
@@ -159,3 +160,10 @@ class RNN(AbstractModel):
         if self.readout == "all":
             return jax.vmap(self.head)(hs)
         return self.head(state[0] if is_lstm else state)
+
+    def _recurrent_chain(self) -> RecurrentChain:
+        """The recurrent structure, for the structured kernel."""
+        kind = {ElmanCell: "elman", eqx.nn.GRUCell: "gru", eqx.nn.LSTMCell: "lstm"}[
+            type(self.cell)
+        ]
+        return RecurrentChain(kind, lambda m: m.cell, lambda m: m.head, self.readout)
