@@ -1,0 +1,139 @@
+"""The structured kernel for recurrent networks against `jax.hessian` and the generic
+kernel, in float64."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import curvzoo as cz
+from curvzoo._curvature._recurrent import _node_inputs, _run
+
+from .helpers import assert_diagonal_close, LOSS_CLASSES, make_targets, reference_hessian_diagonal
+
+
+CELLS = ["elman", "gru", "lstm"]
+
+
+def _batch(model, loss_name, key, batch_size, steps):
+    k_in, k_out = jr.split(key)
+    xs = jr.normal(k_in, (batch_size, steps, model.in_size))
+    return xs, make_targets(model, xs, loss_name, k_out)
+
+
+def _check(model, loss, batch):
+    result = model.hessian_diagonal(loss, batch, method="structured")
+    assert_diagonal_close(result, reference_hessian_diagonal(model, loss, batch))
+    return result
+
+
+@pytest.mark.parametrize("readout", ["last", "all"])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("steps,batch_size", [(1, 3), (6, 1), (5, 7)])
+def test_sequence_lengths_and_batch_sizes(cell, readout, steps, batch_size, getkey):
+    model = cz.RNN(2, 3, 3, cell, readout, key=getkey())
+    batch = _batch(model, "ce", getkey(), batch_size, steps)
+    _check(model, cz.losses.CrossEntropy(reduction="sum"), batch)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss_name", ["mse", "bce"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_losses_per_step_readout(cell, loss_name, reduction, getkey):
+    model = cz.RNN(3, 4, 2, cell, "all", key=getkey())
+    loss = LOSS_CLASSES[loss_name](reduction=reduction)
+    _check(model, loss, _batch(model, loss_name, getkey(), 3, 4))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_generic(cell, getkey):
+    model = cz.RNN(2, 4, 3, cell, "last", key=getkey())
+    batch = _batch(model, "ce", getkey(), 5, 6)
+    structured = model.hessian_diagonal(cz.losses.cross_entropy, batch, method="structured")
+    generic = model.hessian_diagonal(cz.losses.cross_entropy, batch, method="generic")
+    assert_diagonal_close(structured, generic)
+
+
+@pytest.mark.parametrize(
+    "frozen",
+    [
+        lambda m: m.cell.weight_hh,
+        lambda m: (m.cell.weight_ih, m.head.weight),
+        lambda m: m.head,
+    ],
+)
+@pytest.mark.parametrize("cell", CELLS)
+def test_frozen_leaves(cell, frozen, getkey):
+    model = cz.RNN(2, 3, 3, cell, "last", key=getkey())
+    batch = _batch(model, "mse", getkey(), 4, 5)
+    spec = jax.tree.map(lambda _: True, model)
+    spec = eqx.tree_at(frozen, spec, replace_fn=lambda node: jax.tree.map(lambda _: False, node))
+    result = model.hessian_diagonal(cz.losses.mse, batch, filter_spec=spec, method="structured")
+    is_none = jax.tree.map(lambda x: x is None, result, is_leaf=lambda x: x is None)
+    assert all(jax.tree.leaves(frozen(is_none)))
+    expected = reference_hessian_diagonal(model, cz.losses.mse, batch, spec)
+    assert jax.tree.structure(result) == jax.tree.structure(expected)
+    assert_diagonal_close(result, expected)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, None])
+def test_chunks(chunk_size, getkey):
+    model = cz.RNN(2, 3, 2, "gru", "all", key=getkey())
+    batch = _batch(model, "ce", getkey(), 5, 3)
+    result = model.hessian_diagonal(
+        cz.losses.cross_entropy, batch, method="structured", chunk_size=chunk_size
+    )
+    assert_diagonal_close(result, reference_hessian_diagonal(model, cz.losses.cross_entropy, batch))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_site_form_reproduces_the_cell(cell, getkey):
+    """The kernel's node-input/unit-update form of each cell is the cell itself."""
+    model = cz.RNN(3, 4, 2, cell, "all", key=getkey())
+    xs = jr.normal(getkey(), (6, 3))
+    states, xis = _run(cell, model.cell, xs)
+    assert xis.shape[:2] == (6, 4)
+    state = (jnp.zeros(4), jnp.zeros(4)) if cell == "lstm" else jnp.zeros(4)
+    for t in range(6):
+        state = model.cell(xs[t], state)
+        flat = jnp.concatenate(state) if cell == "lstm" else state
+        assert jnp.allclose(states[t], flat, rtol=1e-13, atol=1e-15)
+    assert _node_inputs(cell, model.cell, xs[0], states[0]).shape[0] == 4
+
+
+def test_auto_takes_the_structured_kernel(getkey, monkeypatch):
+    from curvzoo._curvature import _api
+
+    calls = []
+    original = _api.recurrent_hessian_diagonal
+
+    def spy(*args):
+        calls.append("recurrent")
+        return original(*args)
+
+    monkeypatch.setattr(_api, "recurrent_hessian_diagonal", spy)
+    model = cz.RNN(2, 3, 2, "lstm", key=getkey())
+    model.hessian_diagonal(cz.losses.cross_entropy, _batch(model, "ce", getkey(), 2, 3))
+    assert calls == ["recurrent"]
+
+
+def test_loss_without_step_factor_falls_back(getkey):
+    class Quartic(cz.losses.AbstractLoss):
+        reduction: str = "sum"
+
+        def per_sample(self, prediction, target):
+            return jnp.sum((prediction - target) ** 4)
+
+        def elements_per_sample(self, prediction_shape):
+            return 1
+
+        def check_shapes(self, prediction_shape, target_shape, target_dtype):
+            pass
+
+    model = cz.RNN(2, 3, 2, "gru", "all", key=getkey())
+    batch = _batch(model, "mse", getkey(), 3, 4)
+    with pytest.raises(ValueError, match="no per-step Hessian factor"):
+        model.hessian_diagonal(Quartic(), batch, method="structured")
+    auto = model.hessian_diagonal(Quartic(), batch)
+    assert_diagonal_close(auto, reference_hessian_diagonal(model, Quartic(), batch))
