@@ -137,3 +137,33 @@ def test_loss_without_step_factor_falls_back(getkey):
         model.hessian_diagonal(Quartic(), batch, method="structured")
     auto = model.hessian_diagonal(Quartic(), batch)
     assert_diagonal_close(auto, reference_hessian_diagonal(model, Quartic(), batch))
+
+
+def test_auto_picks_the_faster_kernel_by_cost(getkey, monkeypatch):
+    """A long sequence through a tiny cell is cheaper for the generic kernel (one
+    Hessian-vector product per parameter, few parameters); the benchmark's GRU shape is
+    far cheaper for the structured one. (Decision only; timings live in the benchmark.)"""
+    from curvzoo._curvature import _api
+    from curvzoo._curvature._recurrent import estimated_costs
+
+    calls = []
+    for name in ("recurrent_hessian_diagonal", "generic_hessian_diagonal"):
+        original = getattr(_api, name)
+
+        def spy(*args, _name=name, _original=original):
+            calls.append(_name.split("_")[0])
+            return _original(*args)
+
+        monkeypatch.setattr(_api, name, spy)
+
+    tiny = cz.RNN(1, 2, 1, "elman", "last", key=getkey())
+    batch = _batch(tiny, "mse", getkey(), 2, 300)
+    structured, generic = estimated_costs(tiny, batch, 11)
+    assert structured > generic
+    tiny.hessian_diagonal(cz.losses.mse, batch)
+    gru = cz.RNN(8, 64, 10, "gru", "last", key=getkey())
+    structured, generic = estimated_costs(gru, (jnp.zeros((32, 16, 8)), None), 14730)
+    assert 20 * structured < generic
+    small_gru = cz.RNN(2, 3, 2, "gru", "last", key=getkey())
+    small_gru.hessian_diagonal(cz.losses.cross_entropy, _batch(small_gru, "ce", getkey(), 2, 3))
+    assert calls == ["generic", "recurrent"]
