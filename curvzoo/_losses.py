@@ -229,7 +229,41 @@ class CrossEntropy(AbstractLoss):
             )
 
 
-class MSE(AbstractLoss):
+class AbstractElementwiseLoss(AbstractLoss):
+    """A loss that is a sum of independent per-element terms `l(z, y)` of a prediction
+    and a target of the same shape; its Hessian in the prediction is diagonal,
+    `d^2 l / dz^2` per element (`element_curvature`)."""
+
+    @abc.abstractmethod
+    def element_curvature(self, prediction: Array) -> Array:
+        """`d^2 l / dz^2` for every element, shaped like `prediction`."""
+
+    def elements_per_sample(self, prediction_shape: tuple[int, ...]) -> int:
+        return math.prod(prediction_shape)
+
+    def output_hessian_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
+        """Unit columns weighted by `element_curvature`."""
+        del target
+        size = prediction.size
+        columns = jnp.eye(size, dtype=prediction.dtype).reshape(size, *prediction.shape)
+        return columns, self.element_curvature(prediction).reshape(-1)
+
+    def output_hessian_step_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
+        del target
+        steps, size = prediction.shape
+        columns = jnp.broadcast_to(jnp.eye(size, dtype=prediction.dtype), (steps, size, size))
+        return columns, self.element_curvature(prediction)
+
+    def check_shapes(self, prediction_shape, target_shape, target_dtype) -> None:
+        del target_dtype
+        if tuple(target_shape) != tuple(prediction_shape):
+            raise ValueError(
+                f"`batch` targets for {type(self).__name__} must have the predictions' "
+                f"shape {tuple(prediction_shape)}, got {tuple(target_shape)}."
+            )
+
+
+class MSE(AbstractElementwiseLoss):
     """Squared error between prediction and a target of the same shape.
 
     `reduction="mean"` is the mean over all elements of `(prediction - target)**2`,
@@ -242,32 +276,11 @@ class MSE(AbstractLoss):
     def per_sample(self, prediction: Float[Array, "*shape"], target: ArrayLike) -> Scalar:
         return jnp.sum((prediction - target) ** 2)
 
-    def output_hessian_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
-        """`2 I`: unit columns with weight 2."""
-        del target
-        size = prediction.size
-        columns = jnp.eye(size, dtype=prediction.dtype).reshape(size, *prediction.shape)
-        return columns, jnp.full(size, 2.0, prediction.dtype)
-
-    def output_hessian_step_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
-        del target
-        steps, size = prediction.shape
-        columns = jnp.broadcast_to(jnp.eye(size, dtype=prediction.dtype), (steps, size, size))
-        return columns, jnp.full((steps, size), 2.0, prediction.dtype)
-
-    def elements_per_sample(self, prediction_shape: tuple[int, ...]) -> int:
-        return math.prod(prediction_shape)
-
-    def check_shapes(self, prediction_shape, target_shape, target_dtype) -> None:
-        del target_dtype
-        if tuple(target_shape) != tuple(prediction_shape):
-            raise ValueError(
-                f"`batch` targets for MSE must have the predictions' shape "
-                f"{tuple(prediction_shape)}, got {tuple(target_shape)}."
-            )
+    def element_curvature(self, prediction: Array) -> Array:
+        return jnp.full_like(prediction, 2.0)
 
 
-class BCEWithLogits(AbstractLoss):
+class BCEWithLogits(AbstractElementwiseLoss):
     """Binary cross-entropy on logits, with targets in `[0, 1]` of the logits' shape.
 
     Per element, `softplus(z) - y * z`, the numerically stable form of
@@ -280,31 +293,9 @@ class BCEWithLogits(AbstractLoss):
     def per_sample(self, prediction: Float[Array, "*shape"], target: ArrayLike) -> Scalar:
         return jnp.sum(jax.nn.softplus(prediction) - target * prediction)
 
-    def output_hessian_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
-        """`diag(sigmoid(z) (1 - sigmoid(z)))`: unit columns weighted by it."""
-        del target
-        size = prediction.size
-        columns = jnp.eye(size, dtype=prediction.dtype).reshape(size, *prediction.shape)
-        prob = jax.nn.sigmoid(prediction.reshape(-1))
-        return columns, prob * (1 - prob)
-
-    def output_hessian_step_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
-        del target
-        steps, size = prediction.shape
-        columns = jnp.broadcast_to(jnp.eye(size, dtype=prediction.dtype), (steps, size, size))
+    def element_curvature(self, prediction: Array) -> Array:
         prob = jax.nn.sigmoid(prediction)
-        return columns, prob * (1 - prob)
-
-    def elements_per_sample(self, prediction_shape: tuple[int, ...]) -> int:
-        return math.prod(prediction_shape)
-
-    def check_shapes(self, prediction_shape, target_shape, target_dtype) -> None:
-        del target_dtype
-        if tuple(target_shape) != tuple(prediction_shape):
-            raise ValueError(
-                f"`batch` targets for BCEWithLogits must have the logits' shape "
-                f"{tuple(prediction_shape)}, got {tuple(target_shape)}."
-            )
+        return prob * (1 - prob)
 
     def check_values(self, prediction_shape, targets) -> None:
         del prediction_shape

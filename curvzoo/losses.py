@@ -1,6 +1,7 @@
 """Losses that know their per-sample structure: `loss(model, batch) -> scalar`."""
 
 from ._losses import (
+    AbstractElementwiseLoss as AbstractElementwiseLoss,
     AbstractLoss as AbstractLoss,
     BCEWithLogits as BCEWithLogits,
     binary_cross_entropy_with_logits as binary_cross_entropy_with_logits,

@@ -134,7 +134,7 @@ def test_regression_targets_of_wrong_shape(setup):
     model, x, _ = setup
     with pytest.raises(ValueError, match=r"`batch` targets for MSE must have the predictions' shape"):
         cz.hessian_diagonal(model, cz.losses.mse, (x, jnp.zeros((6, 3))))
-    with pytest.raises(ValueError, match=r"`batch` targets for BCEWithLogits"):
+    with pytest.raises(ValueError, match=r"`batch` targets for BCEWithLogits must have the predictions"):
         cz.hessian_diagonal(model, cz.losses.binary_cross_entropy_with_logits, (x, jnp.zeros(6)))
 
 

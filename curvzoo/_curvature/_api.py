@@ -86,11 +86,12 @@ def hessian_diagonal(
         for the generic kernel, samples for the structured one. `None` (default) picks
         the largest chunk that fits `memory_budget`.
     - `memory_budget`: bytes for the per-chunk working set when `chunk_size=None`;
-        default 256 MiB. For the generic kernel peak memory is this plus the
+        default 128 MiB. For the generic kernel peak memory is this plus the
         linearisation of one gradient (a few copies of the batch's activations); it
         does not grow with the parameter count `P`.
     - `method`: `"auto"` (default) takes the structured kernel where the model and the
-        loss support it and the generic kernel otherwise; `"structured"` forces the
+        loss support it (for a recurrent network, where its estimated cost is also the
+        lower one) and the generic kernel otherwise; `"structured"` forces the
         structured kernel and raises a `ValueError` naming the unsupported part;
         `"generic"` forces the reference kernel. Both are exact.
 
@@ -139,21 +140,14 @@ def hessian_diagonal(
             )
             if structured * _RECURRENT_MARGIN > generic:
                 kernel = None
-        if kernel is not None:
-            return kernel(
-                params,
-                static,
-                loss,
-                batch,
-                None if chunk_size is None else int(chunk_size),
-                int(memory_budget),
-            )
-        if method == "structured":
+        if kernel is None and method == "structured":
             raise ValueError(
                 f"`method='structured'` cannot be used here: {reason}. Use "
                 "`method='auto'` or `method='generic'`."
             )
-    return generic_hessian_diagonal(
+    else:
+        kernel = None
+    return (kernel or generic_hessian_diagonal)(
         params,
         static,
         loss,

@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from ._memory import bytes_per_lane, chunk_from_budget
+from ._memory import sample_chunks
 
 
 # ## Cells as node inputs and unit updates
@@ -344,20 +344,7 @@ def recurrent_hessian_diagonal(
     def per_sample(x, y):
         return _per_sample(chain, model, loss, x, y)
 
-    if chunk_size is None:
-        lane = bytes_per_lane(lambda xy: per_sample(*xy), (inputs[0], targets[0]))
-        chunk_size = chunk_from_budget(lane, num, memory_budget)
-    chunk_size = min(chunk_size, num)
-    num_chunks = -(-num // chunk_size)
-    chunk_size = -(-num // num_chunks)
-    padded = num_chunks * chunk_size
-    mask = (jnp.arange(padded) < num).astype(inputs.dtype)
-
-    def chunked(leaf):
-        extra = padded - leaf.shape[0]
-        if extra:
-            leaf = jnp.concatenate([leaf, jnp.repeat(leaf[:1], extra, axis=0)])
-        return leaf.reshape(num_chunks, chunk_size, *leaf.shape[1:])
+    chunks = sample_chunks(per_sample, inputs, targets, chunk_size, memory_budget)
 
     def accumulate(totals, chunk):
         x, y, w = chunk
@@ -373,9 +360,7 @@ def recurrent_hessian_diagonal(
         targets[:1],
     )
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    (cell_diag, head_diag), _ = jax.lax.scan(
-        accumulate, zeros, (chunked(inputs), chunked(targets), mask.reshape(num_chunks, -1))
-    )
+    (cell_diag, head_diag), _ = jax.lax.scan(accumulate, zeros, chunks)
     scale = loss.scale(num, jax.eval_shape(model, inputs[0]).shape)
     cell_diag = {k: scale * v for k, v in cell_diag.items()}
     head_diag = {k: scale * v for k, v in head_diag.items()}

@@ -51,7 +51,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
 from ._layers import describe, Elementwise, Linear, ParamLayer
-from ._memory import bytes_per_lane, chunk_from_budget
+from ._memory import sample_chunks
 
 
 @dataclasses.dataclass
@@ -204,16 +204,6 @@ def _per_sample(model, ops, trainable, loss, x, y):
     return pieces
 
 
-def _pad(tree: PyTree, size: int) -> PyTree:
-    """Pad the leading axis to `size` by repeating the first sample (masked out later)."""
-
-    def pad(leaf):
-        extra = size - leaf.shape[0]
-        return jnp.concatenate([leaf, jnp.repeat(leaf[:1], extra, axis=0)]) if extra else leaf
-
-    return jax.tree.map(pad, tree)
-
-
 @eqx.filter_jit
 def structured_hessian_diagonal(
     params: PyTree,
@@ -252,18 +242,7 @@ def structured_hessian_diagonal(
     def per_sample(x, y):
         return _per_sample(model, ops, trainable, loss, x, y)
 
-    if chunk_size is None:
-        lane = bytes_per_lane(lambda xy: per_sample(*xy), (inputs[0], targets[0]))
-        chunk_size = chunk_from_budget(lane, num, memory_budget)
-    chunk_size = min(chunk_size, num)
-    num_chunks = -(-num // chunk_size)
-    chunk_size = -(-num // num_chunks)  # as even as possible: least padding
-    padded = num_chunks * chunk_size
-    mask = (jnp.arange(padded) < num).astype(inputs.dtype)
-
-    def chunked(leaf):
-        return _pad(leaf, padded).reshape(num_chunks, chunk_size, *leaf.shape[1:])
-
+    chunks = sample_chunks(per_sample, inputs, targets, chunk_size, memory_budget)
     layers = [_split_layer(ops[i], model) for i in trainable]
 
     def accumulate(totals, chunk):
@@ -281,9 +260,7 @@ def structured_hessian_diagonal(
         return new, None
 
     zeros = [jax.tree.map(jnp.zeros_like, lp) for lp, _ in layers]
-    totals, _ = jax.lax.scan(
-        accumulate, zeros, (chunked(inputs), chunked(targets), mask.reshape(num_chunks, -1))
-    )
+    totals, _ = jax.lax.scan(accumulate, zeros, chunks)
     scale = loss.scale(num, jax.eval_shape(model, inputs[0]).shape)
     diagonals = [eqx.combine(jax.tree.map(lambda t: scale * t, t), ls) for t, (_, ls) in zip(totals, layers)]
     full = eqx.tree_at(lambda m: [ops[i].layer(m) for i in trainable], model, diagonals)
