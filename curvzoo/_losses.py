@@ -47,9 +47,7 @@ class AbstractLoss(eqx.Module):
 
     def __check_init__(self):
         if self.reduction not in _REDUCTIONS:
-            raise ValueError(
-                f"`reduction` must be one of {_REDUCTIONS}, got {self.reduction!r}."
-            )
+            raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {self.reduction!r}.")
 
     @abc.abstractmethod
     def per_sample(self, prediction: Array, target: Array) -> Scalar:

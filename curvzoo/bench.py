@@ -146,9 +146,7 @@ def _worker(row: str, repeats: int, seed: int) -> dict:
         return _scaling(seed)
     model, batch = _build(row, seed)
     loss = cz.losses.cross_entropy
-    num_params = sum(
-        leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
-    )
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
     grad = eqx.filter_jit(eqx.filter_grad(loss))
     result = {"row": row, "params": int(num_params), "batch": int(batch[0].shape[0])}
     result["gradient_s"] = _median_seconds(lambda: grad(model, batch), max(repeats, 20))

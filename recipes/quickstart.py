@@ -12,12 +12,11 @@ Run it with `python recipes/quickstart.py` (add `--quick` for smaller models).
 import argparse
 import time
 
+import curvzoo as cz
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-
-import curvzoo as cz
 
 
 # ## Generated data for each kind of model
@@ -62,11 +61,11 @@ def leaf_summary(diagonal):
 def print_summary(name, rows, trace, seconds, num_params):
     print(f"\n{name}: P = {num_params}, trace = {trace:.4g}, {seconds:.2f} s (with compilation)")
     header = ("leaf", "shape", "median |d|", "max |d|", "neg frac", "trace share")
-    print(f"  {header[0]:<22}{header[1]:>12}{header[2]:>12}{header[3]:>12}{header[4]:>10}{header[5]:>13}")
+    widths = (-22, 12, 12, 12, 10, 13)
+    print("  " + "".join(f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w in zip(header, widths)))
     for leaf, shape, median, largest, negative, share in rows:
         print(
-            f"  {leaf:<22}{shape:>12}{median:>12.3e}{largest:>12.3e}"
-            f"{negative:>10.2f}{share:>13.3f}"
+            f"  {leaf:<22}{shape:>12}{median:>12.3e}{largest:>12.3e}{negative:>10.2f}{share:>13.3f}"
         )
 
 

@@ -1,13 +1,12 @@
 """Shared helpers: reference computations, tiny zoo models and matching batches."""
 
+import curvzoo as cz
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jax.flatten_util import ravel_pytree
-
-import curvzoo as cz
 
 
 def tree_allclose(x, y, *, rtol=1e-10, atol=0.0):
@@ -52,10 +51,7 @@ def assert_diagonal_close(result, expected, rtol=1e-10):
 
 # Tiny zoo models: (name, factory(key)). Sizes keep `jax.hessian` cheap.
 MODELS = [
-    *[
-        (f"mlp{depth}", lambda key, d=depth: cz.MLP(3, 3, 4, d, key=key))
-        for depth in range(4)
-    ],
+    *[(f"mlp{depth}", lambda key, d=depth: cz.MLP(3, 3, 4, d, key=key)) for depth in range(4)],
     *[
         (f"rnn-{cell}-{readout}", lambda key, c=cell, r=readout: cz.RNN(2, 3, 3, c, r, key=key))
         for cell in ("elman", "gru", "lstm")

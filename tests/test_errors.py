@@ -1,12 +1,11 @@
 """Bad input raises a clear error naming the argument, before any heavy work."""
 
+import curvzoo as cz
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
-
-import curvzoo as cz
 
 
 @pytest.fixture
@@ -63,9 +62,7 @@ def test_filter_spec_selects_nothing(setup):
     with pytest.raises(ValueError, match="`filter_spec` leaves nothing to differentiate"):
         cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y), filter_spec=spec)
     with pytest.raises(ValueError, match="`filter_spec` leaves nothing to differentiate"):
-        cz.hessian_diagonal(
-            model, cz.losses.cross_entropy, (x, y), filter_spec=lambda leaf: False
-        )
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y), filter_spec=lambda leaf: False)
 
 
 def test_filter_spec_wrong_structure(setup):
@@ -112,7 +109,9 @@ def test_labels_of_wrong_shape(setup, bad_shape):
 def test_labels_of_wrong_shape_per_step(getkey):
     model = cz.RNN(2, 3, 4, cell="elman", readout="all", key=getkey())
     xs = jr.normal(getkey(), (5, 7, 2))
-    with pytest.raises(ValueError, match=r"`batch` labels for CrossEntropy must have shape \(5, 7\)"):
+    with pytest.raises(
+        ValueError, match=r"`batch` labels for CrossEntropy must have shape \(5, 7\)"
+    ):
         cz.hessian_diagonal(model, cz.losses.cross_entropy, (xs, jnp.zeros(5, jnp.int32)))
 
 
@@ -132,9 +131,13 @@ def test_labels_out_of_range(setup):
 
 def test_regression_targets_of_wrong_shape(setup):
     model, x, _ = setup
-    with pytest.raises(ValueError, match=r"`batch` targets for MSE must have the predictions' shape"):
+    with pytest.raises(
+        ValueError, match=r"`batch` targets for MSE must have the predictions' shape"
+    ):
         cz.hessian_diagonal(model, cz.losses.mse, (x, jnp.zeros((6, 3))))
-    with pytest.raises(ValueError, match=r"`batch` targets for BCEWithLogits must have the predictions"):
+    with pytest.raises(
+        ValueError, match=r"`batch` targets for BCEWithLogits must have the predictions"
+    ):
         cz.hessian_diagonal(model, cz.losses.binary_cross_entropy_with_logits, (x, jnp.zeros(6)))
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 
+import curvzoo as cz
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,8 +10,6 @@ import jax.random as jr
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-
-import curvzoo as cz
 
 from .helpers import (
     assert_diagonal_close,
@@ -126,9 +125,7 @@ def test_chunk_sizes_agree(getkey):
         model.hessian_diagonal(cz.losses.cross_entropy, batch, chunk_size=c)
         for c in (1, 7, size, 10 * size)
     ]
-    results.append(
-        model.hessian_diagonal(cz.losses.cross_entropy, batch, memory_budget=1)
-    )
+    results.append(model.hessian_diagonal(cz.losses.cross_entropy, batch, memory_budget=1))
     for other in results[1:]:
         assert tree_allclose(results[0], other, rtol=1e-14, atol=1e-16)
     expected = reference_hessian_diagonal(model, cz.losses.cross_entropy, batch)

@@ -1,12 +1,11 @@
 """Loss conventions against optax and hand-written formulas."""
 
+import curvzoo as cz
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
 import pytest
-
-import curvzoo as cz
 
 
 def _identity_model(x):

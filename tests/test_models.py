@@ -1,12 +1,11 @@
 """The zoo's models: shapes, layouts, and constructor checks."""
 
+import curvzoo as cz
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
-
-import curvzoo as cz
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])

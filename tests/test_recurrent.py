@@ -1,13 +1,12 @@
 """The structured kernel for recurrent networks against `jax.hessian` and the generic
 kernel, in float64."""
 
+import curvzoo as cz
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
-
-import curvzoo as cz
 from curvzoo._curvature._recurrent import _node_inputs, _run
 
 from .helpers import assert_diagonal_close, LOSS_CLASSES, make_targets, reference_hessian_diagonal
@@ -167,3 +166,18 @@ def test_auto_picks_the_faster_kernel_by_cost(getkey, monkeypatch):
     small_gru = cz.RNN(2, 3, 2, "gru", "last", key=getkey())
     small_gru.hessian_diagonal(cz.losses.cross_entropy, _batch(small_gru, "ce", getkey(), 2, 3))
     assert calls == ["generic", "recurrent"]
+
+
+def test_no_recompilation(getkey):
+    from .test_hessian_diagonal import _count_compilations
+
+    model = cz.RNN(2, 3, 2, "lstm", "all", key=getkey())
+    batch = _batch(model, "ce", getkey(), 3, 4)
+    model.hessian_diagonal(cz.losses.cross_entropy, batch, method="structured")
+    other = cz.RNN(2, 3, 2, "lstm", "all", key=getkey())
+    other_batch = _batch(model, "ce", getkey(), 3, 4)
+    with _count_compilations() as count:
+        jax.block_until_ready(
+            other.hessian_diagonal(cz.losses.cross_entropy, other_batch, method="structured")
+        )
+    assert count[0] == 0

@@ -1,12 +1,11 @@
 """The structured kernel for MLP and CNN against `jax.hessian` and the generic kernel."""
 
+import curvzoo as cz
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
-
-import curvzoo as cz
 from curvzoo._curvature._layers import describe
 
 from .helpers import (
@@ -63,9 +62,7 @@ def test_cnn(pool, loss_name, reduction, getkey):
 
 @pytest.mark.parametrize("activation", ["relu", "softplus"])
 def test_cnn_activations_and_three_convs(activation, getkey):
-    model = cz.CNN(
-        1, 2, 22, channels=(2, 2, 2), activation=ACTIVATIONS[activation], key=getkey()
-    )
+    model = cz.CNN(1, 2, 22, channels=(2, 2, 2), activation=ACTIVATIONS[activation], key=getkey())
     batch = make_batch(model, "bce", getkey(), batch_size=3)
     _check(model, cz.losses.BCEWithLogits(reduction="sum"), batch)
 
@@ -107,7 +104,9 @@ def test_mlp_frozen_leaves(frozen, getkey):
     leaves = frozen(spec)
     spec = eqx.tree_at(frozen, spec, jax.tree.map(lambda _: False, leaves))
     result = model.hessian_diagonal(cz.losses.mse, batch, filter_spec=spec, method="structured")
-    for leaf in jax.tree.leaves(frozen(jax.tree.map(lambda x: x is None, result, is_leaf=lambda x: x is None))):
+    for leaf in jax.tree.leaves(
+        frozen(jax.tree.map(lambda x: x is None, result, is_leaf=lambda x: x is None))
+    ):
         assert leaf
     generic = model.hessian_diagonal(cz.losses.mse, batch, filter_spec=spec, method="generic")
     assert jax.tree.structure(result) == jax.tree.structure(generic)

@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 from jaxtyping import PyTree
 
+from .._losses import AbstractLoss
 from ._checks import (
     cached,
     check_batch,
@@ -14,7 +15,6 @@ from ._checks import (
     check_positive_int,
     split_trainable,
 )
-from .._losses import AbstractLoss
 from ._generic import generic_hessian_diagonal
 from ._layers import check_supported, Unsupported
 from ._memory import DEFAULT_MEMORY_BUDGET

@@ -50,8 +50,7 @@ def check_batch(batch: PyTree) -> int:
         name = "batch" + jax.tree_util.keystr(path)
         if jnp.ndim(leaf) == 0:
             raise ValueError(
-                f"every array in `batch` needs a leading batch axis, but `{name}` is a "
-                "scalar."
+                f"every array in `batch` needs a leading batch axis, but `{name}` is a scalar."
             )
         sizes[name] = jnp.shape(leaf)[0]
     if not sizes:
@@ -159,9 +158,7 @@ def _trace_loss(loss: Callable, model: eqx.Module, batch: PyTree):
         got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
         raise ValueError(f"`loss` must return a scalar, but `loss(model, batch)` gives {got}.")
     if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise ValueError(
-            f"`loss` must return a real floating-point scalar, got dtype {out.dtype}."
-        )
+        raise ValueError(f"`loss` must return a real floating-point scalar, got dtype {out.dtype}.")
     return prediction_shape
 
 

@@ -146,9 +146,9 @@ def check_supported(model) -> list:
         if isinstance(op, ParamLayer)
         for leaf in jax.tree.leaves(eqx.filter(op.layer(model), eqx.is_inexact_array))
     }
-    for path, leaf in jax.tree_util.tree_flatten_with_path(
-        eqx.filter(model, eqx.is_inexact_array)
-    )[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_inexact_array))[
+        0
+    ]:
         if id(leaf) not in covered:
             raise Unsupported(f"parameter {jax.tree_util.keystr(path)} outside the layer chain")
     return ops

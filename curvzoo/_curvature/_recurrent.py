@@ -45,9 +45,10 @@ the Jacobians of its inputs. With `D_t[a] = dU/dxi` (`q x m`),
   `M_t = Omega_{t+1} + O_t + J_{t+1}^T M_{t+1} J_{t+1}` (one backward sweep);
 - for `s <= t`, the same-unit block of the state Hessian is
   `Hs[s,t,a] = Gamma_{t,s}[:, a]^T M_t[:, a]` (`q x q`);
-- `K_{a,alpha}[s,t] = D_s[a]_alpha^T Hs[s,t,a] D_t[a]_alpha + L[s,t] + L[t,s] + [s=t] R_s[a]_{alpha alpha}`,
-  where `L[s,t] = [s<t] D_s[a]_alpha^T Gamma_{t-1,s}[:, a]^T C_a^T R_t[a]_{:,alpha}` pairs
-  the perturbation at `s` with the slot at `t` inside node `(t, a)`.
+- `K_{a,alpha}[s,t] = D_s[a]_alpha^T Hs[s,t,a] D_t[a]_alpha + L[s,t] + L[t,s]
+  + [s=t] R_s[a]_{alpha alpha}`, where
+  `L[s,t] = [s<t] D_s[a]_alpha^T Gamma_{t-1,s}[:, a]^T C_a^T R_t[a]_{:,alpha}`
+  pairs the perturbation at `s` with the slot at `t` inside node `(t, a)`.
 
 ## Cost and memory, per sample
 
@@ -263,7 +264,7 @@ def _diagonals(chain: RecurrentChain, model, pieces, xs):
     (of the unscaled sum over samples)."""
     K, mixed, h_prev, hs, cols, weights = pieces
     kind = chain.kind
-    cell, head = chain.cell(model), chain.head(model)
+    cell = chain.cell(model)
     ih, hh = jnp.array(_IH_SLOTS[kind]), jnp.array(_HH_SLOTS[kind])
     K_ih, K_hh = K[:, ih], K[:, hh]  # (N, G, H, T, T)
 
@@ -273,8 +274,7 @@ def _diagonals(chain: RecurrentChain, model, pieces, xs):
     cell_diag = {
         "weight_ih": stacked(jnp.einsum("ngast,nsb,ntb->gab", K_ih, xs, xs)),
         "weight_hh": stacked(
-            jnp.einsum("ngast,nsb,ntb->gab", K_hh, h_prev, h_prev)
-            + jnp.sum(mixed[:, hh], axis=0)
+            jnp.einsum("ngast,nsb,ntb->gab", K_hh, h_prev, h_prev) + jnp.sum(mixed[:, hh], axis=0)
         ),
     }
     if kind == "elman" or cell.use_bias:
@@ -322,7 +322,9 @@ def estimated_costs(model, batch, num_params: int) -> tuple[float, float]:
 
 def _replace(module, values: dict):
     names = list(values)
-    return eqx.tree_at(lambda mod: [getattr(mod, k) for k in names], module, [values[k] for k in names])
+    return eqx.tree_at(
+        lambda mod: [getattr(mod, k) for k in names], module, [values[k] for k in names]
+    )
 
 
 @eqx.filter_jit

@@ -43,6 +43,7 @@ Each layer with parameters then takes the cheaper exact route:
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -90,6 +91,14 @@ class _State:
         return total
 
 
+class _DensePiece(NamedTuple):
+    """A dense layer's per-sample piece: its squared input and `diag(H_z)`, contracted
+    over the batch later in one matrix product."""
+
+    squared_inputs: Array
+    hz: Array
+
+
 def _linear_pullback(op, model, u):
     """The transpose of `op`'s Jacobian in its input at `u` (params held fixed)."""
     _, vjp = jax.vjp(lambda v: op.apply(model, v), u)
@@ -132,9 +141,7 @@ def _reverse_contribution(op, model, state: _State, u: Array) -> PyTree:
     total = jax.tree.map(jnp.zeros_like, params)
     for cols, w in state.explicit_columns():
         grads = jax.vmap(lambda c: vjp(c)[0])(cols)
-        total = jax.tree.map(
-            lambda t, g: t + jnp.tensordot(w, g**2, axes=1), total, grads
-        )
+        total = jax.tree.map(lambda t, g: t + jnp.tensordot(w, g**2, axes=1), total, grads)
     if state.rdiag is not None:
         _, vjp_sq = jax.vjp(lambda p: eqx.combine(p, static)(u**2), params)
         total = jax.tree.map(jnp.add, total, vjp_sq(state.rdiag)[0])
@@ -196,7 +203,7 @@ def _per_sample(model, ops, trainable, loss, x, y):
     for index in trainable:
         op, state = ops[index], states[index + 1]
         if state is not None and op.dense and us[index].ndim == 1:
-            pieces.append((us[index] ** 2, state.diagonal()))
+            pieces.append(_DensePiece(us[index] ** 2, state.diagonal()))
         elif state is not None:
             pieces.append(_reverse_contribution(op, model, state, us[index]))
         else:
@@ -250,10 +257,10 @@ def structured_hessian_diagonal(
         pieces = jax.vmap(per_sample)(x, y)
         new = []
         for total, piece, index, (lp, ls) in zip(totals, pieces, trainable, layers):
-            if isinstance(piece, tuple):  # dense: contract the batch in one product
-                squared_inputs, hz = piece
-                _, vjp = jax.vjp(lambda p: jax.vmap(eqx.combine(p, ls))(squared_inputs), lp)
-                contribution = vjp(hz * m[:, None])[0]
+            if isinstance(piece, _DensePiece):  # contract the batch in one product
+                layer_of = lambda p, ls=ls: eqx.combine(p, ls)  # noqa: E731
+                _, vjp = jax.vjp(lambda p: jax.vmap(layer_of(p))(piece.squared_inputs), lp)
+                contribution = vjp(piece.hz * m[:, None])[0]
             else:
                 contribution = jax.tree.map(lambda leaf: jnp.tensordot(m, leaf, axes=1), piece)
             new.append(jax.tree.map(jnp.add, total, contribution))
@@ -262,6 +269,9 @@ def structured_hessian_diagonal(
     zeros = [jax.tree.map(jnp.zeros_like, lp) for lp, _ in layers]
     totals, _ = jax.lax.scan(accumulate, zeros, chunks)
     scale = loss.scale(num, jax.eval_shape(model, inputs[0]).shape)
-    diagonals = [eqx.combine(jax.tree.map(lambda t: scale * t, t), ls) for t, (_, ls) in zip(totals, layers)]
+    diagonals = [
+        eqx.combine(jax.tree.map(lambda leaf: scale * leaf, total), ls)
+        for total, (_, ls) in zip(totals, layers)
+    ]
     full = eqx.tree_at(lambda m: [ops[i].layer(m) for i in trainable], model, diagonals)
     return eqx.filter(full, mask_tree)

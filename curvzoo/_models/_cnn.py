@@ -116,9 +116,7 @@ class CNN(AbstractModel):
         self.num_classes = num_classes
         self.image_size = (height, width)
 
-    def __call__(
-        self, x: Float[Array, "in_channels height width"]
-    ) -> Float[Array, " num_classes"]:
+    def __call__(self, x: Float[Array, "in_channels height width"]) -> Float[Array, " num_classes"]:
         """**Arguments:**
 
         - `x`: one image, shape `(in_channels, height, width)`.
@@ -130,8 +128,7 @@ class CNN(AbstractModel):
         expected = (self.in_channels, *self.image_size)
         if x.shape != expected:
             raise ValueError(
-                f"CNN expects one image of shape {expected}, got {x.shape}; "
-                "batch with `jax.vmap`."
+                f"CNN expects one image of shape {expected}, got {x.shape}; batch with `jax.vmap`."
             )
         for conv in self.convs:
             x = self.pool(self.activation(conv(x)))

@@ -163,7 +163,5 @@ class RNN(AbstractModel):
 
     def _recurrent_chain(self) -> RecurrentChain:
         """The recurrent structure, for the structured kernel."""
-        kind = {ElmanCell: "elman", eqx.nn.GRUCell: "gru", eqx.nn.LSTMCell: "lstm"}[
-            type(self.cell)
-        ]
+        kind = {ElmanCell: "elman", eqx.nn.GRUCell: "gru", eqx.nn.LSTMCell: "lstm"}[type(self.cell)]
         return RecurrentChain(kind, lambda m: m.cell, lambda m: m.head, self.readout)
