@@ -156,6 +156,9 @@ class CrossEntropy(AbstractLoss):
     `reduction="mean"` is the mean over samples and, for per-step predictions, over
     steps too: the sum of all per-step losses divided by `N * T`. `"sum"` is their sum.
 
+    Label values are checked by the curvature functions when they are concrete; inside
+    `jax.jit` they cannot be, and out-of-range labels are clipped to `[0, C)`.
+
     **Example:**
 
     ```python

@@ -122,10 +122,12 @@ def test_chunk_sizes_agree(getkey):
     batch = make_batch(model, "ce", getkey())
     size = ravel_pytree(eqx.filter(model, eqx.is_inexact_array))[0].size
     results = [
-        model.hessian_diagonal(cz.losses.cross_entropy, batch, chunk_size=c)
-        for c in (1, 7, size, 10 * size)
+        model.hessian_diagonal(cz.losses.cross_entropy, batch, chunk_size=c, method="generic")
+        for c in (1, 7, size)
     ]
-    results.append(model.hessian_diagonal(cz.losses.cross_entropy, batch, memory_budget=1))
+    results.append(
+        model.hessian_diagonal(cz.losses.cross_entropy, batch, memory_budget=1, method="generic")
+    )
     for other in results[1:]:
         assert tree_allclose(results[0], other, rtol=1e-14, atol=1e-16)
     expected = reference_hessian_diagonal(model, cz.losses.cross_entropy, batch)

@@ -5,7 +5,7 @@ import equinox as eqx
 import jax
 from jaxtyping import PyTree
 
-from .._losses import AbstractLoss
+from .._losses import AbstractElementwiseLoss, AbstractLoss
 from ._checks import (
     cached,
     check_batch,
@@ -16,7 +16,7 @@ from ._checks import (
     split_trainable,
 )
 from ._generic import generic_hessian_diagonal
-from ._layers import check_supported, Unsupported
+from ._layers import check_supported, defining_class, Unsupported
 from ._memory import DEFAULT_MEMORY_BUDGET
 from ._recurrent import estimated_costs, recurrent_hessian_diagonal
 from ._structured import structured_hessian_diagonal
@@ -34,6 +34,29 @@ _METHODS = ("auto", "structured", "generic")
 _RECURRENT_MARGIN = 2.5
 
 
+def _loss_mismatch(loss: AbstractLoss) -> str | None:
+    """Why the structured kernels, which rebuild the loss from `per_sample`, `scale` and
+    its closed-form curvature, would not compute `loss(model, batch)`; `None` if they do."""
+    cls = type(loss)
+    for name in ("__call__", "predict"):
+        if defining_class(cls, name) is not AbstractLoss:
+            return (
+                f"`loss` ({cls.__name__}) overrides `{name}`, which the structured kernels "
+                "do not call"
+            )
+    owner = defining_class(cls, "per_sample")
+    for name in ("element_curvature", "output_hessian_factor", "output_hessian_step_factor"):
+        where = defining_class(cls, name)
+        if where in (None, AbstractLoss, AbstractElementwiseLoss):
+            continue  # absent, or derived from `per_sample` / `element_curvature`
+        if not issubclass(where, owner):
+            return (
+                f"`loss` ({cls.__name__}) overrides `per_sample` but inherits `{name}` from "
+                f"{where.__name__}, which may not match it"
+            )
+    return None
+
+
 def _structured_kernel(model, loss) -> tuple[Callable | None, str | None]:
     """The structured kernel that takes `(model, loss)`, or `None` and the reason."""
     if not isinstance(loss, AbstractLoss):
@@ -41,18 +64,21 @@ def _structured_kernel(model, loss) -> tuple[Callable | None, str | None]:
             "`loss` is a custom callable; the structured kernel needs a curvzoo loss "
             "(`curvzoo.losses.*`), which exposes its per-sample form"
         )
-    if hasattr(model, "_recurrent_chain"):
-        if type(loss).output_hessian_step_factor is AbstractLoss.output_hessian_step_factor:
-            return None, (
-                f"`loss` ({type(loss).__name__}) defines no per-step Hessian factor "
-                "(`output_hessian_step_factor`), which the recurrent kernel needs"
-            )
-        return recurrent_hessian_diagonal, None
+    mismatch = _loss_mismatch(loss)
+    if mismatch is not None:
+        return None, mismatch
     try:
-        cached("structure", lambda: check_supported(model) and None, model)
+        kind = cached("structure", lambda: check_supported(model), model)
     except Unsupported as error:
         return None, f"`model` has a part the structured kernel does not support: {error}"
-    return structured_hessian_diagonal, None
+    if kind == "layered":
+        return structured_hessian_diagonal, None
+    if type(loss).output_hessian_step_factor is AbstractLoss.output_hessian_step_factor:
+        return None, (
+            f"`loss` ({type(loss).__name__}) defines no per-step Hessian factor "
+            "(`output_hessian_step_factor`), which the recurrent kernel needs"
+        )
+    return recurrent_hessian_diagonal, None
 
 
 # Arguments are checked below with errors that name them, so the test-time runtime
@@ -86,9 +112,10 @@ def hessian_diagonal(
         for the generic kernel, samples for the structured one. `None` (default) picks
         the largest chunk that fits `memory_budget`.
     - `memory_budget`: bytes for the per-chunk working set when `chunk_size=None`;
-        default 128 MiB. For the generic kernel peak memory is this plus the
-        linearisation of one gradient (a few copies of the batch's activations); it
-        does not grow with the parameter count `P`.
+        default 128 MiB. The chunk's working set stays within it whenever one basis
+        vector's (or sample's) does; beyond that the generic kernel holds the
+        linearisation of one gradient (a few copies of the batch's activations) and the
+        length-`P` result, and never a `P x P` matrix.
     - `method`: `"auto"` (default) takes the structured kernel where the model and the
         loss support it (for a recurrent network, where its estimated cost is also the
         lower one) and the generic kernel otherwise; `"structured"` forces the

@@ -30,6 +30,11 @@ def check_model(model: Any) -> None:
 
 
 def check_loss(loss: Any) -> None:
+    if isinstance(loss, type):
+        raise TypeError(
+            f"`loss` must be a loss object, got the class {loss.__name__}; pass an instance "
+            f"such as `{loss.__name__}()`."
+        )
     if not callable(loss):
         raise TypeError(
             "`loss` must be a curvzoo loss or a callable `loss(model, batch) -> scalar`, "
@@ -165,7 +170,9 @@ def _trace_loss(loss: Callable, model: eqx.Module, batch: PyTree):
 def check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> None:
     """Trace `loss(model, batch)` (no compute; remembered per shapes) and check that it
     is a real scalar and, for a curvzoo loss, that the targets fit the predictions.
-    Target values are checked too where they are concrete (outside `jax.jit`)."""
+    Target values (label range, BCE targets in `[0, 1]`) are checked where they are
+    concrete, that is outside `jax.jit`; inside it they cannot be, and stay the caller's
+    responsibility."""
     prediction_shape = cached("loss", lambda: _trace_loss(loss, model, batch), loss, model, batch)
     if isinstance(loss, AbstractLoss):
         targets = batch[1]

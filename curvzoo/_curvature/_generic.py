@@ -30,7 +30,7 @@ def generic_hessian_diagonal(
     one-hot `e_i`, `jax.vmap`ped over `chunk_size` basis vectors at a time and mapped
     over chunks with `jax.lax.map`, so no `P x P` matrix is ever built.
 
-    Cost: `P` Hessian-vector products (each about the cost of two gradients).
+    Cost: `P` Hessian-vector products, each the work of one to two gradients.
     Memory: the shared linearisation (a few copies of the activations for the batch)
     plus, per basis vector in a chunk, two length-`P` vectors and the tangents of one
     Hessian-vector product. With `chunk_size=None` the chunk is the largest whose

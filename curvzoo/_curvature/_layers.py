@@ -132,23 +132,53 @@ def describe(model) -> list:
     return model._layer_ops()
 
 
-def check_supported(model) -> list:
-    """`describe(model)`, plus the checks that need concrete values: every activation
-    is elementwise, and every floating-point array of the model belongs to a layer of
-    the chain. Run outside `jax.jit`."""
-    ops = describe(model)
-    for op in ops:
-        if isinstance(op, Elementwise):
-            check_elementwise(op.fn, op.name)
+def defining_class(cls: type, name: str) -> type | None:
+    """The class in `cls`'s method resolution order that defines attribute `name`."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return klass
+    return None
+
+
+def _check_covered(model, parts) -> None:
     covered = {
         id(leaf)
-        for op in ops
-        if isinstance(op, ParamLayer)
-        for leaf in jax.tree.leaves(eqx.filter(op.layer(model), eqx.is_inexact_array))
+        for part in parts
+        for leaf in jax.tree.leaves(eqx.filter(part, eqx.is_inexact_array))
     }
     for path, leaf in jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_inexact_array))[
         0
     ]:
         if id(leaf) not in covered:
-            raise Unsupported(f"parameter {jax.tree_util.keystr(path)} outside the layer chain")
-    return ops
+            raise Unsupported(f"parameter {jax.tree_util.keystr(path)} outside its description")
+
+
+def check_supported(model) -> str:
+    """Which structured kernel takes `model`: `"recurrent"` or `"layered"`; otherwise
+    `Unsupported`. Checks what needs concrete values, so run outside `jax.jit`: the
+    class that describes the model's structure also defines its `__call__` (a subclass
+    that changes the forward pass is not described by its parent's structure), every
+    floating-point array belongs to a described layer, and every activation is
+    elementwise."""
+    cls = type(model)
+    for name, kind in (("_recurrent_chain", "recurrent"), ("_layer_ops", "layered")):
+        if hasattr(model, name):
+            owner = defining_class(cls, name)
+            if defining_class(cls, "__call__") is not owner:
+                raise Unsupported(
+                    f"{cls.__name__} overrides `__call__` of {owner.__name__}, whose layer "
+                    "structure the kernel would use"
+                )
+            break
+    else:
+        raise Unsupported(f"model of type {cls.__name__} (no layered description)")
+    if kind == "recurrent":
+        chain = model._recurrent_chain()
+        _check_covered(model, (chain.cell(model), chain.head(model)))
+        return kind
+    ops = describe(model)
+    for op in ops:
+        if isinstance(op, Elementwise):
+            check_elementwise(op.fn, op.name)
+    _check_covered(model, [op.layer(model) for op in ops if isinstance(op, ParamLayer)])
+    return kind

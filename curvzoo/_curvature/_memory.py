@@ -52,7 +52,7 @@ def chunk_from_budget(per_lane: int, total: int, memory_budget: int) -> int:
 
 
 def sample_chunks(
-    per_sample: Callable, inputs, targets, chunk_size: int | None, memory_budget: int
+    per_sample: Callable, inputs, targets, chunk_size: int | None, memory_budget: int, dtype
 ):
     """Split a batch `(inputs, targets)` into equal chunks of samples for `jax.lax.scan`.
 
@@ -78,5 +78,5 @@ def sample_chunks(
             leaf = jnp.concatenate([leaf, jnp.repeat(leaf[:1], extra, axis=0)])
         return leaf.reshape(num_chunks, chunk_size, *leaf.shape[1:])
 
-    mask = (jnp.arange(padded) < num).astype(inputs.dtype).reshape(num_chunks, chunk_size)
+    mask = (jnp.arange(padded) < num).astype(dtype).reshape(num_chunks, chunk_size)
     return chunked(inputs), chunked(targets), mask

@@ -24,11 +24,12 @@ and `K_{a,alpha}[s,t] = d^2 Lambda / d delta_{s,a,alpha} d delta_{t,a,alpha}` it
 same-slot blocks. For an entry with coefficient `v` (ε is its change),
 `delta_t = eps * v_t(eps)`, so
 
-    diag = sum_{s,t} v_s v_t K[s,t] + sum_t e_t * d^2 v_t / d eps^2,
+    diag = sum_{s,t} v_s v_t K[s,t] + sum_t e_t * d^2 delta_t / d eps^2,
 
 with `e_t = dLambda/d delta_t` (backpropagation through time). The second term is zero for
 inputs and biases; for `W_hh[(alpha, a), b]`, whose coefficient `h_{t-1,b}` depends on the
-entry itself, it is `2 sum_{s<t} e_t (dh_{t-1,b}/d delta_s) h_{s-1,b}`.
+entry itself, `d^2 delta_t / d eps^2 = 2 dv_t/d eps` and it is
+`2 sum_{s<t} e_t (dh_{t-1,b}/d delta_s) h_{s-1,b}`.
 
 `K` follows from the one formula: the loss's Hessian is the sum, over the nonlinear
 nodes (the unit updates and the loss), of the node's adjoint-weighted Hessian between
@@ -135,12 +136,18 @@ def _flat_state(unit_states):
     return unit_states.T.reshape(-1)
 
 
+def _state_dtype(cell, xs):
+    """The state's dtype: what the cell's arithmetic promotes its weights and inputs to."""
+    return jnp.result_type(cell.weight_hh, xs)
+
+
 def _run(kind, cell, xs, perturbation=None):
     """States `(T, n)` and node inputs `(T, H, m)`, optionally with `perturbation`
     `(T, n)` added to each new state."""
     hidden = cell.hidden_size
     n = _STATE_PER_UNIT[kind] * hidden
-    state0 = jnp.zeros(n, xs.dtype)
+    dtype = _state_dtype(cell, xs)
+    state0 = jnp.zeros(n, dtype)
 
     def step(state, inputs):
         x, eps = inputs
@@ -149,7 +156,7 @@ def _run(kind, cell, xs, perturbation=None):
         return new, (new, xi)
 
     if perturbation is None:
-        perturbation = jnp.zeros((xs.shape[0], n), xs.dtype)
+        perturbation = jnp.zeros((xs.shape[0], n), dtype)
     _, (states, xis) = jax.lax.scan(step, state0, (xs, perturbation))
     return states, xis
 
@@ -169,7 +176,7 @@ def _per_sample(chain: RecurrentChain, model, loss, xs, y):
     q, m = _STATE_PER_UNIT[kind], _SLOTS[kind]
     n = q * hidden
     steps = xs.shape[0]
-    dtype = xs.dtype
+    dtype = _state_dtype(cell, xs)
 
     def loss_of_perturbation(eps):
         states, _ = _run(kind, cell, xs, eps)
@@ -296,8 +303,9 @@ def estimated_costs(model, batch, num_params: int) -> tuple[float, float]:
 
     Structured, per sample: `T^2 n^3` (impulse responses), `2 T n^3` (the backward sweep),
     `T^2 n H q (m + q)` (same-unit blocks and node cross terms) and `T^2 H^2 q m` (mixed
-    terms), with `n = q H`. Generic: `P` Hessian-vector products of about six forward
-    passes each, a forward pass costing `T G H (in + H)` for `G` gate blocks. On the
+    terms), with `n = q H`. Generic: `P` Hessian-vector products, counted as six forward
+    passes (two gradients) each, a forward pass costing `T G H (in + H)` for `G` gate
+    blocks. On the
     benchmark grid (2 CPU cores) both kernels ran at 5-55 GFLOP/s by these counts, the
     structured one at 0.4-1.2 times the generic one's rate.
     """
@@ -346,7 +354,8 @@ def recurrent_hessian_diagonal(
     def per_sample(x, y):
         return _per_sample(chain, model, loss, x, y)
 
-    chunks = sample_chunks(per_sample, inputs, targets, chunk_size, memory_budget)
+    dtype = _state_dtype(chain.cell(model), inputs)
+    chunks = sample_chunks(per_sample, inputs, targets, chunk_size, memory_budget, dtype)
 
     def accumulate(totals, chunk):
         x, y, w = chunk

@@ -249,7 +249,8 @@ def structured_hessian_diagonal(
     def per_sample(x, y):
         return _per_sample(model, ops, trainable, loss, x, y)
 
-    chunks = sample_chunks(per_sample, inputs, targets, chunk_size, memory_budget)
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    chunks = sample_chunks(per_sample, inputs, targets, chunk_size, memory_budget, dtype)
     layers = [_split_layer(ops[i], model) for i in trainable]
 
     def accumulate(totals, chunk):

@@ -142,10 +142,10 @@ class RNN(AbstractModel):
         The readout of the last state, shape `(out_size,)`, or with `readout="all"` of
         every state, shape `(T, out_size)`.
         """
-        if xs.ndim != 2 or xs.shape[1] != self.in_size:
+        if xs.ndim != 2 or xs.shape[1] != self.in_size or xs.shape[0] == 0:
             raise ValueError(
-                f"RNN expects one sequence of shape (T, {self.in_size}), got {xs.shape}; "
-                "batch with `jax.vmap`."
+                f"RNN expects one sequence of shape (T, {self.in_size}) with T >= 1, got "
+                f"{xs.shape}; batch with `jax.vmap`."
             )
         h0 = jnp.zeros(self.hidden_size, self.head.weight.dtype)
         is_lstm = isinstance(self.cell, eqx.nn.LSTMCell)
