@@ -84,24 +84,6 @@ class AbstractLoss(eqx.Module):
         eigenvalues, eigenvectors = jnp.linalg.eigh(hessian)
         return eigenvectors.T.reshape(size, *prediction.shape), eigenvalues
 
-    def output_hessian_step_factor(
-        self, prediction: Float[Array, "steps size"], target: Array
-    ) -> tuple[Array, Array]:
-        """For a loss that is a sum of independent per-step terms, the Hessian of each
-        step's term in that step's prediction, as weighted outer products.
-
-        **Arguments:** `prediction` of shape `(T, C)`; `target` with the matching
-        leading axis `T`.
-
-        **Returns:** `(columns, weights)` with shapes `(T, K, C)` and `(T, K)`.
-
-        The recurrent structured kernel needs this; a loss that does not separate over
-        steps does not define it (the default raises `NotImplementedError`).
-        """
-        raise NotImplementedError(
-            f"{type(self).__name__} does not define a per-step Hessian factor."
-        )
-
     def check_values(self, prediction_shape: tuple[int, ...], targets: np.ndarray) -> None:
         """Check concrete target values (not tracers); the default accepts anything."""
         del prediction_shape, targets
@@ -146,7 +128,26 @@ class AbstractLoss(eqx.Module):
         return tuple(predictions.shape)
 
 
-class CrossEntropy(AbstractLoss):
+class AbstractStepwiseLoss(AbstractLoss):
+    """A loss that is a sum of independent per-step terms when the prediction has a
+    leading step axis, and so exposes each step's Hessian. The recurrent structured
+    kernel needs this (a readout on every state is scored step by step)."""
+
+    @abc.abstractmethod
+    def output_hessian_step_factor(
+        self, prediction: Float[Array, "steps size"], target: Array
+    ) -> tuple[Array, Array]:
+        """The Hessian of each step's term in that step's prediction, as weighted outer
+        products.
+
+        **Arguments:** `prediction` of shape `(T, C)`; `target` with the matching
+        leading axis `T`.
+
+        **Returns:** `(columns, weights)` with shapes `(T, K, C)` and `(T, K)`.
+        """
+
+
+class CrossEntropy(AbstractStepwiseLoss):
     """Softmax cross-entropy on logits with integer class labels.
 
     One sample's prediction holds logits over `C` classes on its last axis, `(C,)`, or
@@ -230,7 +231,7 @@ class CrossEntropy(AbstractLoss):
             )
 
 
-class AbstractElementwiseLoss(AbstractLoss):
+class AbstractElementwiseLoss(AbstractStepwiseLoss):
     """A loss that is a sum of independent per-element terms `l(z, y)` of a prediction
     and a target of the same shape; its Hessian in the prediction is diagonal,
     `d^2 l / dz^2` per element (`element_curvature`)."""

@@ -3,6 +3,7 @@
 from ._losses import (
     AbstractElementwiseLoss as AbstractElementwiseLoss,
     AbstractLoss as AbstractLoss,
+    AbstractStepwiseLoss as AbstractStepwiseLoss,
     BCEWithLogits as BCEWithLogits,
     binary_cross_entropy_with_logits as binary_cross_entropy_with_logits,
     cross_entropy as cross_entropy,

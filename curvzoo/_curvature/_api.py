@@ -5,7 +5,7 @@ import equinox as eqx
 import jax
 from jaxtyping import PyTree
 
-from .._losses import AbstractElementwiseLoss, AbstractLoss
+from .._losses import AbstractElementwiseLoss, AbstractLoss, AbstractStepwiseLoss
 from ._checks import (
     cached,
     check_batch,
@@ -73,10 +73,10 @@ def _structured_kernel(model, loss) -> tuple[Callable | None, str | None]:
         return None, f"`model` has a part the structured kernel does not support: {error}"
     if kind == "layered":
         return structured_hessian_diagonal, None
-    if type(loss).output_hessian_step_factor is AbstractLoss.output_hessian_step_factor:
+    if not isinstance(loss, AbstractStepwiseLoss):
         return None, (
-            f"`loss` ({type(loss).__name__}) defines no per-step Hessian factor "
-            "(`output_hessian_step_factor`), which the recurrent kernel needs"
+            f"`loss` ({type(loss).__name__}) defines no per-step Hessian factor (it is not "
+            "an `AbstractStepwiseLoss`), which the recurrent kernel needs"
         )
     return recurrent_hessian_diagonal, None
 
