@@ -33,7 +33,6 @@ import time
 
 
 ROWS = ("mlp2", "mlp4", "cnn", "small", "gru", "lstm", "elman", "scaling")
-DEFAULT_ROWS = ROWS
 TARGETS = {
     "mlp2": ("structured / gradient", "<=", 4.0),
     "mlp4": ("structured / gradient", "<=", 20.0),

@@ -4,7 +4,6 @@ import math
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 from jaxtyping import PyTree
 
 
@@ -49,34 +48,3 @@ def chunk_from_budget(per_lane: int, total: int, memory_budget: int) -> int:
     """The largest chunk of lanes whose working set fits `memory_budget`, in
     `[1, total]`."""
     return max(1, min(total, memory_budget // max(per_lane, 1)))
-
-
-def sample_chunks(
-    per_sample: Callable, inputs, targets, chunk_size: int | None, memory_budget: int, dtype
-):
-    """Split a batch `(inputs, targets)` into equal chunks of samples for `jax.lax.scan`.
-
-    With `chunk_size=None` the chunk is the largest whose per-sample working set
-    (measured on `per_sample`'s traced intermediates) fits `memory_budget`. Chunks are
-    as even as possible; the last is padded by repeating the first sample, and `mask`
-    (`(num_chunks, chunk)`, 1 for real samples, 0 for padding) says which is which.
-
-    **Returns:** `(chunked_inputs, chunked_targets, mask)`, each with leading axes
-    `(num_chunks, chunk)`.
-    """
-    num = inputs.shape[0]
-    if chunk_size is None:
-        lane = bytes_per_lane(lambda xy: per_sample(*xy), (inputs[0], targets[0]))
-        chunk_size = chunk_from_budget(lane, num, memory_budget)
-    num_chunks = -(-num // min(chunk_size, num))
-    chunk_size = -(-num // num_chunks)
-    padded = num_chunks * chunk_size
-
-    def chunked(leaf):
-        extra = padded - leaf.shape[0]
-        if extra:
-            leaf = jnp.concatenate([leaf, jnp.repeat(leaf[:1], extra, axis=0)])
-        return leaf.reshape(num_chunks, chunk_size, *leaf.shape[1:])
-
-    mask = (jnp.arange(padded) < num).astype(dtype).reshape(num_chunks, chunk_size)
-    return chunked(inputs), chunked(targets), mask

@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from ._memory import sample_chunks
+from ._samples import sum_over_samples, trained_mask
 
 
 # ## Cells as node inputs and unit updates
@@ -236,7 +236,8 @@ def _per_sample(chain: RecurrentChain, model, loss, xs, y):
 
     # Forward sweep over t with the impulse responses Gamma[s] = dS_t/dS_s, (T_s, n, q, H):
     # same-unit state blocks, the node-local cross terms L and the W_hh mixed term.
-    def forward(gamma, inputs):
+    def forward(carry, inputs):
+        gamma, mixed = carry
         t, jac, M_t, R_t1, e_t1 = inputs
         gamma = jnp.einsum("kl,slca->skca", jac, gamma)
         gamma = gamma.at[t].set(jnp.eye(n, dtype=dtype).reshape(n, q, hidden))
@@ -247,12 +248,13 @@ def _per_sample(chain: RecurrentChain, model, loss, xs, y):
         cross = jnp.einsum("skca,amk->sacm", gamma, rho)  # (T_s, H, q, m)
         # 2 sum_s e_{t+1,a,alpha} sum_c Gamma[s][(h, b), c, a] D_s[a, c, alpha] h_{s-1,b}
         responses = jnp.einsum("sbca,sacm->sbam", gamma[:, :hidden], D)
-        mixed = 2 * jnp.einsum("am,sbam,sb->mab", e_t1 * hh_mask, responses, h_prev)
-        return gamma, (blocks, cross, mixed)
+        mixed = mixed + 2 * jnp.einsum("am,sbam,sb->mab", e_t1 * hh_mask, responses, h_prev)
+        return (gamma, mixed), (blocks, cross)
 
     gamma0 = jnp.zeros((steps, n, q, hidden), dtype)
-    _, (blocks, cross, mixed) = jax.lax.scan(
-        forward, gamma0, (jnp.arange(steps), J, M, R_next, e_next)
+    mixed0 = jnp.zeros((m, hidden, hidden), dtype)
+    (_, mixed), (blocks, cross) = jax.lax.scan(
+        forward, (gamma0, mixed0), (jnp.arange(steps), J, M, R_next, e_next)
     )
     # blocks[t, s] = Hs[s, t] for s <= t (zero above); cross[t, s] pairs s with slot t+1.
     eye = jnp.eye(steps, dtype=dtype)
@@ -263,7 +265,7 @@ def _per_sample(chain: RecurrentChain, model, loss, xs, y):
     local = jnp.pad(local, ((0, 0), (0, 0), (0, 0), (1, 0)))[..., :steps]
     K = K + local + jnp.swapaxes(local, -1, -2)
     K = K + jnp.einsum("tamm->mat", R)[..., None] * eye
-    return K, jnp.sum(mixed, axis=0), h_prev, states[:, :hidden], cols, weights
+    return K, mixed, h_prev, states[:, :hidden], cols, weights
 
 
 def _diagonals(chain: RecurrentChain, model, pieces, xs):
@@ -347,37 +349,23 @@ def recurrent_hessian_diagonal(
     """Exact `diag(H)` of a curvzoo loss for a zoo RNN (see the module docstring)."""
     model = eqx.combine(params, static)
     chain = model._recurrent_chain()
-    mask_tree = jax.tree.map(lambda leaf: leaf is not None, params, is_leaf=lambda x: x is None)
-    inputs, targets = (jnp.asarray(leaf) for leaf in batch)
-    num = inputs.shape[0]
 
     def per_sample(x, y):
         return _per_sample(chain, model, loss, x, y)
 
-    dtype = _state_dtype(chain.cell(model), inputs)
-    chunks = sample_chunks(per_sample, inputs, targets, chunk_size, memory_budget, dtype)
+    def contract(pieces, inputs, mask):
+        K, mixed, h_prev, hs, cols, weights = pieces
+        weighted = (K * mask[:, None, None, None, None], mixed * mask[:, None, None, None],
+                    h_prev, hs, cols, weights * mask[:, None, None])  # fmt: skip
+        return _diagonals(chain, model, weighted, inputs)
 
-    def accumulate(totals, chunk):
-        x, y, w = chunk
-        K, mixed, h_prev, hs, cols, weights = jax.vmap(per_sample)(x, y)
-        pieces = (K * w[:, None, None, None, None], mixed * w[:, None, None, None],
-                  h_prev, hs, cols, weights * w[:, None, None])  # fmt: skip
-        new = _diagonals(chain, model, pieces, x)
-        return jax.tree.map(jnp.add, totals, new), None
-
-    shapes = jax.eval_shape(
-        lambda x, y: _diagonals(chain, model, jax.vmap(per_sample)(x, y), x),
-        inputs[:1],
-        targets[:1],
+    dtype = _state_dtype(chain.cell(model), jnp.asarray(batch[0]))
+    cell_diag, head_diag = sum_over_samples(
+        loss, model, batch, per_sample, contract, chunk_size, memory_budget, dtype
     )
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    (cell_diag, head_diag), _ = jax.lax.scan(accumulate, zeros, chunks)
-    scale = loss.scale(num, jax.eval_shape(model, inputs[0]).shape)
-    cell_diag = {k: scale * v for k, v in cell_diag.items()}
-    head_diag = {k: scale * v for k, v in head_diag.items()}
     full = eqx.tree_at(
         lambda mod: (chain.cell(mod), chain.head(mod)),
         model,
         (_replace(chain.cell(model), cell_diag), _replace(chain.head(model), head_diag)),
     )
-    return eqx.filter(full, mask_tree)
+    return eqx.filter(full, trained_mask(params))

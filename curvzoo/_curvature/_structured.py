@@ -52,7 +52,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
 from ._layers import describe, Elementwise, Linear, ParamLayer
-from ._memory import sample_chunks
+from ._samples import sum_over_samples, trained_mask
 
 
 @dataclasses.dataclass
@@ -235,44 +235,32 @@ def structured_hessian_diagonal(
     """
     model = eqx.combine(params, static)
     ops = describe(model)
-    mask_tree = jax.tree.map(lambda leaf: leaf is not None, params, is_leaf=lambda x: x is None)
+    mask_tree = trained_mask(params)
     trainable = [
         i
         for i, op in enumerate(ops)
         if isinstance(op, ParamLayer) and any(jax.tree.leaves(op.layer(mask_tree)))
     ]
-    inputs, targets = batch
-    inputs = jnp.asarray(inputs)
-    targets = jnp.asarray(targets)
-    num = inputs.shape[0]
+    layers = [_split_layer(ops[i], model) for i in trainable]
 
     def per_sample(x, y):
         return _per_sample(model, ops, trainable, loss, x, y)
 
-    dtype = jnp.result_type(*jax.tree.leaves(params))
-    chunks = sample_chunks(per_sample, inputs, targets, chunk_size, memory_budget, dtype)
-    layers = [_split_layer(ops[i], model) for i in trainable]
-
-    def accumulate(totals, chunk):
-        x, y, m = chunk
-        pieces = jax.vmap(per_sample)(x, y)
-        new = []
-        for total, piece, index, (lp, ls) in zip(totals, pieces, trainable, layers):
-            if isinstance(piece, _DensePiece):  # contract the batch in one product
+    def contract(pieces, inputs, mask):
+        sums = []
+        for piece, (lp, ls) in zip(pieces, layers):
+            if isinstance(piece, _DensePiece):  # the batch in one matrix product
                 layer_of = lambda p, ls=ls: eqx.combine(p, ls)  # noqa: E731
                 _, vjp = jax.vjp(lambda p: jax.vmap(layer_of(p))(piece.squared_inputs), lp)
-                contribution = vjp(piece.hz * m[:, None])[0]
+                sums.append(vjp(piece.hz * mask[:, None])[0])
             else:
-                contribution = jax.tree.map(lambda leaf: jnp.tensordot(m, leaf, axes=1), piece)
-            new.append(jax.tree.map(jnp.add, total, contribution))
-        return new, None
+                sums.append(jax.tree.map(lambda leaf: jnp.tensordot(mask, leaf, axes=1), piece))
+        return sums
 
-    zeros = [jax.tree.map(jnp.zeros_like, lp) for lp, _ in layers]
-    totals, _ = jax.lax.scan(accumulate, zeros, chunks)
-    scale = loss.scale(num, jax.eval_shape(model, inputs[0]).shape)
-    diagonals = [
-        eqx.combine(jax.tree.map(lambda leaf: scale * leaf, total), ls)
-        for total, (_, ls) in zip(totals, layers)
-    ]
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    totals = sum_over_samples(
+        loss, model, batch, per_sample, contract, chunk_size, memory_budget, dtype
+    )
+    diagonals = [eqx.combine(total, ls) for total, (_, ls) in zip(totals, layers)]
     full = eqx.tree_at(lambda m: [ops[i].layer(m) for i in trainable], model, diagonals)
     return eqx.filter(full, mask_tree)
