@@ -91,3 +91,24 @@ def make_batch(model, loss_name, key, batch_size=BATCH_SIZE):
     k_in, k_out = jr.split(key)
     inputs = make_inputs(model, k_in, batch_size)
     return inputs, make_targets(model, inputs, loss_name, k_out)
+
+
+def spy_kernels(monkeypatch) -> list:
+    """Record which kernel each `hessian_diagonal` call runs: the returned list gains
+    `"generic"`, `"structured"` or `"recurrent"` per call."""
+    from curvzoo._curvature import _api
+
+    calls = []
+    for name in (
+        "generic_hessian_diagonal",
+        "structured_hessian_diagonal",
+        "recurrent_hessian_diagonal",
+    ):
+        original = getattr(_api, name)
+
+        def spy(*args, _kind=name.split("_")[0], _original=original):
+            calls.append(_kind)
+            return _original(*args)
+
+        monkeypatch.setattr(_api, name, spy)
+    return calls

@@ -9,7 +9,13 @@ import jax.random as jr
 import pytest
 from curvzoo._curvature._recurrent import _node_inputs, _run
 
-from .helpers import assert_diagonal_close, LOSS_CLASSES, make_targets, reference_hessian_diagonal
+from .helpers import (
+    assert_diagonal_close,
+    LOSS_CLASSES,
+    make_targets,
+    reference_hessian_diagonal,
+    spy_kernels,
+)
 
 
 CELLS = ["elman", "gru", "lstm"]
@@ -102,16 +108,7 @@ def test_site_form_reproduces_the_cell(cell, getkey):
 
 
 def test_auto_takes_the_structured_kernel(getkey, monkeypatch):
-    from curvzoo._curvature import _api
-
-    calls = []
-    original = _api.recurrent_hessian_diagonal
-
-    def spy(*args):
-        calls.append("recurrent")
-        return original(*args)
-
-    monkeypatch.setattr(_api, "recurrent_hessian_diagonal", spy)
+    calls = spy_kernels(monkeypatch)
     model = cz.RNN(2, 3, 2, "lstm", key=getkey())
     model.hessian_diagonal(cz.losses.cross_entropy, _batch(model, "ce", getkey(), 2, 3))
     assert calls == ["recurrent"]
@@ -142,18 +139,9 @@ def test_auto_picks_the_faster_kernel_by_cost(getkey, monkeypatch):
     """A long sequence through a tiny cell is cheaper for the generic kernel (one
     Hessian-vector product per parameter, few parameters); the benchmark's GRU shape is
     far cheaper for the structured one. (Decision only; timings live in the benchmark.)"""
-    from curvzoo._curvature import _api
     from curvzoo._curvature._recurrent import estimated_costs
 
-    calls = []
-    for name in ("recurrent_hessian_diagonal", "generic_hessian_diagonal"):
-        original = getattr(_api, name)
-
-        def spy(*args, _name=name, _original=original):
-            calls.append(_name.split("_")[0])
-            return _original(*args)
-
-        monkeypatch.setattr(_api, name, spy)
+    calls = spy_kernels(monkeypatch)
 
     tiny = cz.RNN(1, 2, 1, "elman", "last", key=getkey())
     batch = _batch(tiny, "mse", getkey(), 2, 300)

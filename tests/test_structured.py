@@ -13,6 +13,7 @@ from .helpers import (
     LOSS_CLASSES,
     make_batch,
     reference_hessian_diagonal,
+    spy_kernels,
     tree_allclose,
 )
 
@@ -141,17 +142,7 @@ def test_layer_chain_reproduces_the_model(getkey):
 def test_auto_dispatch(getkey, monkeypatch):
     """`auto` takes the structured kernel for zoo MLP/CNN with curvzoo losses and the
     generic kernel otherwise."""
-    from curvzoo._curvature import _api
-
-    calls = []
-    for name in ("structured_hessian_diagonal", "generic_hessian_diagonal"):
-        original = getattr(_api, name)
-
-        def spy(*args, _name=name, _original=original):
-            calls.append(_name.split("_")[0])
-            return _original(*args)
-
-        monkeypatch.setattr(_api, name, spy)
+    calls = spy_kernels(monkeypatch)
 
     mlp = cz.MLP(3, 2, 4, 1, key=getkey())
     cnn = cz.CNN(1, 2, 10, channels=(2, 2), key=getkey())
