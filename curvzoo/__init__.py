@@ -3,7 +3,13 @@
 import importlib.metadata
 
 from . import losses as losses
-from ._curvature import hessian_diagonal as hessian_diagonal
+from ._curvature import (
+    empirical_fisher_diagonal as empirical_fisher_diagonal,
+    fisher_diagonal as fisher_diagonal,
+    ggn_diagonal as ggn_diagonal,
+    hessian_diagonal as hessian_diagonal,
+    hutchinson_diagonal as hutchinson_diagonal,
+)
 from ._models import (
     AbstractModel as AbstractModel,
     CNN as CNN,

@@ -41,6 +41,10 @@ class AbstractLoss(eqx.Module):
     (`per_sample`, summed over the sample's elements) and how many elements a sample
     holds (`elements_per_sample`, the denominator of `reduction="mean"`). Everything
     else is shared: the call `loss(model, batch)`, the shape checks and the reduction.
+
+    `curvzoo.fisher_diagonal` also needs a method `sample_targets(key, prediction)`
+    that draws one sample's targets from the model's predictive distribution, the one
+    whose negative log-likelihood the loss is; the curvzoo losses define it.
     """
 
     reduction: eqx.AbstractVar[str]
@@ -203,6 +207,13 @@ class CrossEntropy(AbstractStepwiseLoss):
         columns = jnp.sqrt(probs)[:, :, None] * (eye[None] - probs[:, None, :])
         return columns, jnp.ones(probs.shape, probs.dtype)
 
+    def sample_targets(
+        self, key: Array, prediction: Float[Array, "*steps classes"]
+    ) -> Int[Array, "*steps"]:
+        """Labels drawn from the model's predictive distribution, `softmax(prediction)`
+        (for the Monte-Carlo Fisher)."""
+        return jax.random.categorical(key, prediction, axis=-1).astype(jnp.int32)
+
     def check_shapes(self, prediction_shape, target_shape, target_dtype) -> None:
         if len(prediction_shape) < 2:
             raise ValueError(
@@ -281,6 +292,13 @@ class MSE(AbstractElementwiseLoss):
     def element_curvature(self, prediction: Array) -> Array:
         return jnp.full_like(prediction, 2.0)
 
+    def sample_targets(self, key: Array, prediction: Float[Array, "*shape"]) -> Array:
+        """Targets drawn from `Normal(prediction, 1/2)`, the Gaussian whose negative
+        log-likelihood is this loss up to a constant (for the Monte-Carlo Fisher: with
+        variance 1/2, `E[grad grad^T] = 2 I`, the loss's Hessian)."""
+        noise = jax.random.normal(key, prediction.shape, prediction.dtype)
+        return prediction + jnp.sqrt(jnp.asarray(0.5, prediction.dtype)) * noise
+
 
 class BCEWithLogits(AbstractElementwiseLoss):
     """Binary cross-entropy on logits, with targets in `[0, 1]` of the logits' shape.
@@ -298,6 +316,12 @@ class BCEWithLogits(AbstractElementwiseLoss):
     def element_curvature(self, prediction: Array) -> Array:
         prob = jax.nn.sigmoid(prediction)
         return prob * (1 - prob)
+
+    def sample_targets(self, key: Array, prediction: Float[Array, "*shape"]) -> Array:
+        """Targets in `{0, 1}` drawn from `Bernoulli(sigmoid(prediction))` (for the
+        Monte-Carlo Fisher)."""
+        draws = jax.random.bernoulli(key, jax.nn.sigmoid(prediction))
+        return draws.astype(prediction.dtype)
 
     def check_values(self, prediction_shape, targets) -> None:
         del prediction_shape

@@ -38,6 +38,54 @@ def reference_hessian_diagonal(model, loss, batch, filter_spec=eqx.is_inexact_ar
     return unravel(jnp.diag(jax.jit(jax.hessian(f))(flat)))
 
 
+def _split(model, filter_spec=eqx.is_inexact_array):
+    params, static = eqx.partition(model, filter_spec)
+    params, rest = eqx.partition(params, eqx.is_inexact_array)
+    return params, eqx.combine(static, rest)
+
+
+def reference_ggn_diagonal(model, loss, batch):
+    """`diag(J^T H_out J)`, scaled by the loss's reduction, with `J` built densely by
+    `jax.jacfwd` and `H_out` by `jax.hessian` of the per-sample loss: independent of
+    curvzoo's kernels and of the loss's closed-form factors."""
+    params, static = _split(model)
+    flat, unravel = ravel_pytree(params)
+    inputs, targets = batch
+
+    @jax.jit
+    def diagonal(flat):
+        def predict(vector):
+            return jax.vmap(eqx.combine(unravel(vector), static))(inputs)
+
+        predictions = predict(flat)
+        num = predictions.shape[0]
+        jac = jax.jacfwd(predict)(flat).reshape(num, -1, flat.size)
+
+        def output_hessian(prediction, target):
+            def per_sample(z):
+                return loss.per_sample(z.reshape(prediction.shape), target)
+
+            return jax.hessian(per_sample)(prediction.reshape(-1))
+
+        hess = jax.vmap(output_hessian)(predictions, targets)
+        ggn = jnp.einsum("nip,nij,njq->pq", jac, hess, jac)
+        return loss.scale(num, predictions.shape[1:]) * jnp.diag(ggn)
+
+    return unravel(diagonal(flat))
+
+
+def reference_squared_gradients(model, loss, batch):
+    """Per-sample gradients of `loss.per_sample` by `jax.vmap(jax.grad)`, squared:
+    leaves with a leading batch axis."""
+    params, static = _split(model)
+
+    def sample_gradient(x, y):
+        return jax.grad(lambda p: loss.per_sample(eqx.combine(p, static)(x), y))(params)
+
+    grads = jax.jit(jax.vmap(sample_gradient))(*batch)
+    return jax.tree.map(jnp.square, grads)
+
+
 def assert_diagonal_close(result, expected, rtol=1e-10):
     """Relative agreement: every entry within `rtol` of itself, or of the largest entry
     for entries near zero."""
@@ -94,21 +142,24 @@ def make_batch(model, loss_name, key, batch_size=BATCH_SIZE):
 
 
 def spy_kernels(monkeypatch) -> list:
-    """Record which kernel each `hessian_diagonal` call runs: the returned list gains
-    `"generic"`, `"structured"` or `"recurrent"` per call."""
+    """Record which kernel each curvature call runs: the returned list gains
+    `"generic"`, `"structured"`, `"recurrent"` or `"outer"` (vector-Jacobian products
+    for the GGN family) per kernel call."""
     from curvzoo._curvature import _api
 
     calls = []
     for name in (
         "generic_hessian_diagonal",
-        "structured_hessian_diagonal",
+        "generic_per_sample_hessian_diagonal",
+        "structured_diagonal",
         "recurrent_hessian_diagonal",
+        "outer_diagonal",
     ):
         original = getattr(_api, name)
 
-        def spy(*args, _kind=name.split("_")[0], _original=original):
+        def spy(*args, _kind=name.split("_")[0], _original=original, **kwargs):
             calls.append(_kind)
-            return _original(*args)
+            return _original(*args, **kwargs)
 
         monkeypatch.setattr(_api, name, spy)
     return calls

@@ -165,3 +165,117 @@ def test_inputs_of_wrong_shape(setup):
 def test_bad_reduction():
     with pytest.raises(ValueError, match="`reduction` must be one of"):
         cz.losses.CrossEntropy(reduction="batchmean")
+
+
+# ## The curvature family
+
+
+def _custom_loss(model, batch):
+    return jnp.mean(jax.vmap(model)(batch[0]) ** 2)
+
+
+@pytest.mark.parametrize(
+    "function", [cz.ggn_diagonal, cz.empirical_fisher_diagonal, cz.fisher_diagonal]
+)
+def test_family_needs_a_curvzoo_loss(setup, function):
+    model, x, y = setup
+    kwargs = {"key": jr.key(0)} if function is cz.fisher_diagonal else {}
+    with pytest.raises(TypeError, match="`loss` for `.*` must be a curvzoo loss"):
+        function(model, _custom_loss, (x, y), **kwargs)
+
+
+def test_control_variate_needs_a_curvzoo_loss(setup):
+    model, x, y = setup
+    with pytest.raises(TypeError, match="`loss` for `hutchinson_diagonal.*curvzoo loss"):
+        cz.hutchinson_diagonal(
+            model, _custom_loss, (x, y), key=jr.key(0), num_probes=2, control_variate="ggn"
+        )
+    # without the control variate a custom callable is fine
+    cz.hutchinson_diagonal(model, _custom_loss, (x, y), key=jr.key(0), num_probes=2)
+
+
+@pytest.mark.parametrize("function", [cz.fisher_diagonal, cz.hutchinson_diagonal])
+def test_stochastic_functions_need_a_key(setup, function):
+    model, x, y = setup
+    loss = cz.losses.cross_entropy
+    kwargs = {"num_probes": 2} if function is cz.hutchinson_diagonal else {}
+    with pytest.raises(TypeError, match="key"):
+        function(model, loss, (x, y), **kwargs)
+    for bad in (0, jnp.zeros(3, jnp.uint32), jr.split(jr.key(0), 2), None):
+        with pytest.raises(TypeError, match="`key` must be one JAX PRNG key"):
+            function(model, loss, (x, y), key=bad, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_counts_must_be_positive_integers(setup, bad):
+    model, x, y = setup
+    loss = cz.losses.cross_entropy
+    error = (TypeError, ValueError)
+    with pytest.raises(error, match="`num_probes` must be"):
+        cz.hutchinson_diagonal(model, loss, (x, y), key=jr.key(0), num_probes=bad)
+    with pytest.raises(error, match="`num_samples` must be"):
+        cz.fisher_diagonal(model, loss, (x, y), key=jr.key(0), num_samples=bad)
+
+
+def test_hutchinson_options(setup):
+    model, x, y = setup
+    loss = cz.losses.cross_entropy
+    key = jr.key(0)
+    with pytest.raises(ValueError, match="`control_variate` must be None or 'ggn'"):
+        cz.hutchinson_diagonal(model, loss, (x, y), key=key, num_probes=2, control_variate="gn")
+    with pytest.raises(ValueError, match="`return_stderr=True` needs `num_probes` >= 2"):
+        cz.hutchinson_diagonal(model, loss, (x, y), key=key, num_probes=1, return_stderr=True)
+    with pytest.raises(TypeError, match="`return_stderr` must be True or False"):
+        cz.hutchinson_diagonal(model, loss, (x, y), key=key, num_probes=2, return_stderr="yes")
+
+
+@pytest.mark.parametrize(
+    "function", [cz.hessian_diagonal, cz.ggn_diagonal, cz.empirical_fisher_diagonal]
+)
+def test_per_sample_must_be_a_bool(setup, function):
+    model, x, y = setup
+    with pytest.raises(TypeError, match="`per_sample` must be True or False"):
+        function(model, cz.losses.cross_entropy, (x, y), per_sample=1)
+
+
+def test_structured_ggn_for_an_rnn_names_the_reason(getkey):
+    model = cz.RNN(2, 3, 4, cell="gru", key=getkey())
+    batch = (jr.normal(getkey(), (2, 3, 2)), jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="structured kernel for the Hessian only"):
+        cz.ggn_diagonal(model, cz.losses.cross_entropy, batch, method="structured")
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        cz.ggn_diagonal(model, cz.losses.cross_entropy, batch, method="exact")
+
+
+def test_family_rejects_losses_it_cannot_read(setup):
+    model, x, y = setup
+
+    class Rescaled(cz.losses.CrossEntropy):
+        def __call__(self, model, batch):
+            return 2 * super().__call__(model, batch)
+
+    class Focal(cz.losses.CrossEntropy):
+        def per_sample(self, prediction, target):
+            return super().per_sample(prediction, target) ** 2
+
+    class NoSampler(cz.losses.AbstractLoss):
+        reduction: str = "mean"
+
+        def per_sample(self, prediction, target):
+            return jnp.sum((prediction - target) ** 4)
+
+        def elements_per_sample(self, prediction_shape):
+            return 1
+
+        def check_shapes(self, prediction_shape, target_shape, target_dtype):
+            pass
+
+    with pytest.raises(ValueError, match=r"`loss` \(Rescaled\) overrides `__call__`"):
+        cz.ggn_diagonal(model, Rescaled(), (x, y))
+    with pytest.raises(ValueError, match=r"inherits `output_hessian_factor`"):
+        cz.ggn_diagonal(model, Focal(), (x, y))
+    # the empirical Fisher needs no loss Hessian, so `Focal` is fine there
+    cz.empirical_fisher_diagonal(model, Focal(), (x, y))
+    targets = jnp.zeros((6, 4))
+    with pytest.raises(TypeError, match=r"needs a method `sample_targets"):
+        cz.fisher_diagonal(model, NoSampler(), (x, targets), key=jr.key(0))

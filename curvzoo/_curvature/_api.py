@@ -1,25 +1,32 @@
+"""The public curvature functions: argument checks, then one kernel each."""
+
 from collections.abc import Callable
-from typing import no_type_check
+from typing import Any, no_type_check
 
 import equinox as eqx
 import jax
-from jaxtyping import PyTree
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, PyTree
 
-from .._losses import AbstractElementwiseLoss, AbstractLoss, AbstractStepwiseLoss
+from .._losses import AbstractElementwiseLoss, AbstractLoss, AbstractStepwiseLoss, split_batch
 from ._checks import (
     cached,
     check_batch,
+    check_key,
     check_loss,
     check_loss_output,
     check_model,
     check_positive_int,
     split_trainable,
 )
-from ._generic import generic_hessian_diagonal
+from ._generic import generic_hessian_diagonal, generic_per_sample_hessian_diagonal
+from ._hutchinson import hutchinson_kernel
 from ._layers import check_supported, defining_class, Unsupported
 from ._memory import DEFAULT_MEMORY_BUDGET
+from ._outer import outer_diagonal
 from ._recurrent import estimated_costs, recurrent_hessian_diagonal
-from ._structured import structured_hessian_diagonal
+from ._structured import structured_diagonal
 
 
 _METHODS = ("auto", "structured", "generic")
@@ -34,16 +41,13 @@ _METHODS = ("auto", "structured", "generic")
 _RECURRENT_MARGIN = 2.5
 
 
-def _loss_mismatch(loss: AbstractLoss) -> str | None:
-    """Why the structured kernels, which rebuild the loss from `per_sample`, `scale` and
-    its closed-form curvature, would not compute `loss(model, batch)`; `None` if they do."""
+def _overrides(loss: AbstractLoss, name: str) -> bool:
+    return defining_class(type(loss), name) is not AbstractLoss
+
+
+def _factor_mismatch(loss: AbstractLoss) -> str | None:
+    """Why `loss`'s closed-form curvature may not be that of its `per_sample`."""
     cls = type(loss)
-    for name in ("__call__", "predict"):
-        if defining_class(cls, name) is not AbstractLoss:
-            return (
-                f"`loss` ({cls.__name__}) overrides `{name}`, which the structured kernels "
-                "do not call"
-            )
     owner = defining_class(cls, "per_sample")
     for name in ("element_curvature", "output_hessian_factor", "output_hessian_step_factor"):
         where = defining_class(cls, name)
@@ -55,6 +59,18 @@ def _loss_mismatch(loss: AbstractLoss) -> str | None:
                 f"{where.__name__}, which may not match it"
             )
     return None
+
+
+def _loss_mismatch(loss: AbstractLoss) -> str | None:
+    """Why the structured kernels, which rebuild the loss from `per_sample`, `scale` and
+    its closed-form curvature, would not compute `loss(model, batch)`; `None` if they do."""
+    for name in ("__call__", "predict"):
+        if _overrides(loss, name):
+            return (
+                f"`loss` ({type(loss).__name__}) overrides `{name}`, which the structured "
+                "kernels do not call"
+            )
+    return _factor_mismatch(loss)
 
 
 def _structured_kernel(model, loss) -> tuple[Callable | None, str | None]:
@@ -72,13 +88,135 @@ def _structured_kernel(model, loss) -> tuple[Callable | None, str | None]:
     except Unsupported as error:
         return None, f"`model` has a part the structured kernel does not support: {error}"
     if kind == "layered":
-        return structured_hessian_diagonal, None
+        return structured_diagonal, None
     if not isinstance(loss, AbstractStepwiseLoss):
         return None, (
             f"`loss` ({type(loss).__name__}) defines no per-step Hessian factor (it is not "
             "an `AbstractStepwiseLoss`), which the recurrent kernel needs"
         )
     return recurrent_hessian_diagonal, None
+
+
+def _check_bool(value: Any, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def _check_method(method: Any) -> None:
+    if method not in _METHODS:
+        raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
+
+
+def _setup(model, loss, batch, filter_spec, chunk_size, memory_budget):
+    """The checks every function shares, in the order a user would fix them.
+
+    **Returns:** `(params, static, prediction_shape, chunk_size, memory_budget)`, with
+    the prediction shape of the whole batch (`None` for a custom callable loss) and the
+    default budget filled in.
+    """
+    check_model(model)
+    check_loss(loss)
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    check_positive_int(memory_budget, "memory_budget", allow_none=True)
+    check_batch(batch)
+    params, static = split_trainable(model, filter_spec)
+    prediction_shape = check_loss_output(loss, model, batch)
+    if memory_budget is None:
+        memory_budget = DEFAULT_MEMORY_BUDGET
+    chunk_size = None if chunk_size is None else int(chunk_size)
+    return params, static, prediction_shape, chunk_size, int(memory_budget)
+
+
+def _scale(loss: AbstractLoss, prediction_shape: tuple, per_sample: bool) -> float:
+    """The reduction's factor for the whole batch, or for a batch of one sample."""
+    return loss.scale(1 if per_sample else prediction_shape[0], prediction_shape[1:])
+
+
+def _require_per_sample_form(loss, name: str, *, factor: bool, sampler: bool = False) -> None:
+    """The GGN family works from `scale * sum_n per_sample(predict(model, x)_n, y_n)`:
+    `loss` must be a curvzoo loss whose `__call__` computes that, with (for `factor`) a
+    loss-Hessian factor that belongs to its `per_sample` and (for `sampler`) a
+    `sample_targets` method."""
+    if not isinstance(loss, AbstractLoss):
+        raise TypeError(
+            f"`loss` for {name} must be a curvzoo loss (`curvzoo.losses.*` or a subclass of "
+            "`curvzoo.losses.AbstractLoss`), which exposes its per-sample form; got a "
+            f"custom callable of type {type(loss).__name__}."
+        )
+    if _overrides(loss, "__call__"):
+        raise ValueError(
+            f"`loss` ({type(loss).__name__}) overrides `__call__`; {name} works from the "
+            "loss's per-sample form, `scale * sum of per_sample(predict(model, inputs))`, "
+            "which `__call__` then need not compute."
+        )
+    mismatch = _factor_mismatch(loss) if factor else None
+    if mismatch is not None:
+        raise ValueError(f"{mismatch}; override `output_hessian_factor` too, to use {name}.")
+    if sampler and not callable(getattr(loss, "sample_targets", None)):
+        raise TypeError(
+            f"`loss` ({type(loss).__name__}) for {name} needs a method "
+            "`sample_targets(key, prediction)` that draws one sample's targets from the "
+            "model's predictive distribution; the curvzoo losses define it."
+        )
+
+
+def _hessian_kernel(model, loss, batch, params, method: str) -> Callable | None:
+    """The structured kernel that `method` picks for the Hessian, or `None` for the
+    generic one."""
+    if method == "generic":
+        return None
+    kernel, reason = _structured_kernel(model, loss)
+    if kernel is recurrent_hessian_diagonal and method == "auto":
+        structured, generic = estimated_costs(
+            model, batch, sum(leaf.size for leaf in jax.tree.leaves(params))
+        )
+        if structured * _RECURRENT_MARGIN > generic:
+            kernel = None
+    if kernel is None and method == "structured":
+        raise ValueError(
+            f"`method='structured'` cannot be used here: {reason}. Use "
+            "`method='auto'` or `method='generic'`."
+        )
+    return kernel
+
+
+def _squared_columns(setup, model, loss, batch, method, quantity, per_sample):
+    """A diagonal of the form `sum_k w_k (J^T c_k)^2` per sample (GGN, Fisher, empirical
+    Fisher): the layered structured kernel where it applies, else one vector-Jacobian
+    product per column and sample."""
+    params, static, prediction_shape, chunk_size, memory_budget = setup
+    kernel = outer_diagonal
+    if method != "generic":
+        structured, reason = _structured_kernel(model, loss)
+        if structured is structured_diagonal:
+            kernel = structured_diagonal
+        elif method == "structured":
+            if structured is recurrent_hessian_diagonal:
+                reason = (
+                    "the zoo RNN has a structured kernel for the Hessian only; for this "
+                    "diagonal its per-sample vector-Jacobian products (`method='generic'`, "
+                    "which `'auto'` picks) already cost less"
+                )
+            raise ValueError(
+                f"`method='structured'` cannot be used here: {reason}. Use "
+                "`method='auto'` or `method='generic'`."
+            )
+    scale = _scale(loss, prediction_shape, per_sample)
+    return kernel(
+        params, static, loss, batch, scale, chunk_size, memory_budget, quantity, per_sample
+    )
+
+
+@eqx.filter_jit
+def _sampled_targets(loss, model, inputs, key, num_samples: int):
+    """`(N, num_samples, *target)` targets drawn from the model's predictions."""
+    predictions = jax.lax.stop_gradient(loss.predict(model, inputs))
+
+    def draws(sample_key, prediction):
+        keys = jax.random.split(sample_key, num_samples)
+        return jax.vmap(lambda k: loss.sample_targets(k, prediction))(keys)
+
+    return jax.vmap(draws)(jax.random.split(key, predictions.shape[0]), predictions)
 
 
 # Arguments are checked below with errors that name them, so the test-time runtime
@@ -93,6 +231,7 @@ def hessian_diagonal(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     method: str = "auto",
+    per_sample: bool = False,
 ) -> PyTree:
     """The exact diagonal of the Hessian of `loss(model, batch)` with respect to the
     trainable parameters of `model`.
@@ -103,8 +242,8 @@ def hessian_diagonal(
     - `loss`: a curvzoo loss such as `curvzoo.losses.cross_entropy`, or any callable
         `loss(model, batch) -> scalar`. Pass the same callable object each time so that
         the compiled kernel is reused.
-    - `batch`: a PyTree of arrays sharing a leading batch axis; for curvzoo losses a pair
-        `(inputs, targets)`.
+    - `batch`: a PyTree of arrays sharing a leading batch axis `N`; for curvzoo losses a
+        pair `(inputs, targets)`.
     - `filter_spec`: which leaves are trained, as in `equinox.partition`: a callable on
         leaves (default `equinox.is_inexact_array`) or a PyTree of bools that is a prefix
         of `model`. Only floating-point arrays are differentiated.
@@ -121,13 +260,18 @@ def hessian_diagonal(
         lower one) and the generic kernel otherwise; `"structured"` forces the
         structured kernel and raises a `ValueError` naming the unsupported part;
         `"generic"` forces the reference kernel. Both are exact.
+    - `per_sample`: if `True`, one diagonal per sample instead: sample `n`'s is the
+        Hessian diagonal of `loss(model, batch_n)`, with `batch_n` the batch of that
+        sample alone. For a curvzoo loss the batch's diagonal is then the mean of the
+        per-sample ones (`reduction="mean"`) or their sum (`"sum"`).
 
     **Returns:**
 
     A PyTree with the structure of `equinox.filter(model, filter_spec)`, as
     `equinox.filter_grad` returns: at each trained leaf an array of that leaf's shape
     and dtype holding the diagonal of the Hessian for that leaf's entries; `None` at
-    frozen leaves and at leaves that are not floating-point arrays.
+    frozen leaves and at leaves that are not floating-point arrays. With
+    `per_sample=True` every array gains a leading axis of size `N`.
 
     **Cost:** the generic kernel (any Equinox module, any loss) takes one
     Hessian-vector product per trained parameter, `P` in all, batched in chunks; never a
@@ -138,7 +282,9 @@ def hessian_diagonal(
     zoo `RNN` (Elman, GRU, LSTM; either readout) it works with the same-unit blocks of
     the Hessian with respect to per-step state perturbations, the state Jacobians and
     the BPTT adjoints: about `T^2 H^3` work per sample for `T` steps and `H` units,
-    against `T H^4` for the generic kernel.
+    against `T H^4` for the generic kernel. With `per_sample=True` the structured
+    kernels cost the same and the generic kernel takes `P` products per sample, each
+    on one sample; the result holds `N P` numbers.
 
     **Example:**
 
@@ -148,37 +294,295 @@ def hessian_diagonal(
     diag.layers[0].weight.shape  # (8, 4)
     ```
     """
-    check_model(model)
-    check_loss(loss)
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    check_positive_int(memory_budget, "memory_budget", allow_none=True)
-    if method not in _METHODS:
-        raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
-    check_batch(batch)
-    params, static = split_trainable(model, filter_spec)
-    check_loss_output(loss, model, batch)
-    if memory_budget is None:
-        memory_budget = DEFAULT_MEMORY_BUDGET
-    if method != "generic":
-        kernel, reason = _structured_kernel(model, loss)
-        if kernel is recurrent_hessian_diagonal and method == "auto":
-            structured, generic = estimated_costs(
-                model, batch, sum(leaf.size for leaf in jax.tree.leaves(params))
-            )
-            if structured * _RECURRENT_MARGIN > generic:
-                kernel = None
-        if kernel is None and method == "structured":
-            raise ValueError(
-                f"`method='structured'` cannot be used here: {reason}. Use "
-                "`method='auto'` or `method='generic'`."
-            )
-    else:
-        kernel = None
-    return (kernel or generic_hessian_diagonal)(
+    _check_method(method)
+    _check_bool(per_sample, "per_sample")
+    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget)
+    params, static, prediction_shape, chunk_size, memory_budget = setup
+    kernel = _hessian_kernel(model, loss, batch, params, method)
+    if kernel is None:
+        generic = generic_per_sample_hessian_diagonal if per_sample else generic_hessian_diagonal
+        return generic(params, static, loss, batch, chunk_size, memory_budget)
+    scale = _scale(loss, prediction_shape, per_sample)
+    return kernel(
+        params, static, loss, batch, scale, chunk_size, memory_budget, keep_samples=per_sample
+    )
+
+
+@no_type_check
+def ggn_diagonal(
+    model: eqx.Module,
+    loss: AbstractLoss,
+    batch: PyTree,
+    *,
+    filter_spec: PyTree | Callable = eqx.is_inexact_array,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    method: str = "auto",
+    per_sample: bool = False,
+) -> PyTree:
+    """The exact diagonal of the generalised Gauss-Newton matrix
+    `G = scale * sum_n J_n^T H_n J_n`, where `J_n` is the Jacobian of sample `n`'s
+    prediction in the trainable parameters and `H_n` the Hessian of its per-sample loss
+    in that prediction (Schraudolph 2002).
+
+    `G` is the Hessian without the network's own second derivatives: it equals the
+    Hessian for a model linear in its parameters, and for a piecewise-linear network
+    (ReLU) under cross-entropy or BCE. It is positive semi-definite for the curvzoo
+    losses, and the expectation of the Fisher (`curvzoo.fisher_diagonal`).
+
+    **Arguments:**
+
+    - `model`: any Equinox module that maps one example to one prediction. It is not
+        modified.
+    - `loss`: a curvzoo loss (`curvzoo.losses.*` or an `AbstractLoss` subclass); the
+        GGN needs its split into a prediction and a per-sample loss, which a plain
+        callable does not expose.
+    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`.
+    - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`: as for
+        [`curvzoo.hessian_diagonal`][].
+    - `method`: `"auto"` (default) or `"structured"` take the layered structured kernel
+        for a zoo `MLP` or `CNN` (`"structured"` raises where it does not apply);
+        `"generic"` uses vector-Jacobian products, for any model. Both are exact.
+    - `per_sample`: if `True`, one diagonal per sample, of `loss(model, batch_n)` for
+        the batch of that sample alone, as in [`curvzoo.hessian_diagonal`][].
+
+    **Returns:**
+
+    A PyTree with the structure of `equinox.filter(model, filter_spec)`: the diagonal at
+    each trained leaf (its shape and dtype), `None` elsewhere; with `per_sample=True`
+    each array gains a leading axis of size `N`.
+
+    **Cost:** never `P` products. The generic route takes, per sample, one forward pass
+    and one vector-Jacobian product per column of a square root of `H_n` (`C` columns for
+    `C` outputs: cross-entropy, MSE, BCE), with the `C` parameter-sized gradients of a
+    chunk of samples in memory. The structured route for `MLP` and `CNN` pulls the same
+    `C` columns down the layers as matrix products and contracts each dense layer with
+    its squared inputs in one matrix product over the batch; it never forms a
+    per-sample gradient.
+
+    **Example:**
+
+    ```python
+    ggn = model.ggn_diagonal(curvzoo.losses.cross_entropy, (x, labels))
+    ```
+    """
+    _check_method(method)
+    _check_bool(per_sample, "per_sample")
+    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget)
+    _require_per_sample_form(loss, "`ggn_diagonal`", factor=True)
+    return _squared_columns(setup, model, loss, batch, method, "ggn", per_sample)
+
+
+@no_type_check
+def empirical_fisher_diagonal(
+    model: eqx.Module,
+    loss: AbstractLoss,
+    batch: PyTree,
+    *,
+    filter_spec: PyTree | Callable = eqx.is_inexact_array,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    method: str = "auto",
+    per_sample: bool = False,
+) -> PyTree:
+    """The diagonal of the empirical Fisher, `scale * sum_n g_n^2`, with `g_n` the
+    gradient of sample `n`'s per-sample loss at its own target.
+
+    **Scaling:** `scale` is the loss's reduction factor, as in the loss itself and in
+    [`curvzoo.ggn_diagonal`][]: `1` for `reduction="sum"`, `1 / (N * elements)` for
+    `"mean"`. So the empirical Fisher and the GGN are on the same scale, and where the
+    targets were drawn from the model (see [`curvzoo.fisher_diagonal`][]) the
+    empirical Fisher's expectation is the GGN diagonal. With real targets it is not
+    (Kunstner, Balles and Hennig 2019): it is the squared-gradient statistic that Adam
+    and many pruning criteria use.
+
+    **Arguments:**
+
+    - `model`: any Equinox module that maps one example to one prediction. It is not
+        modified.
+    - `loss`: a curvzoo loss (`curvzoo.losses.*` or an `AbstractLoss` subclass).
+    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`.
+    - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`: as for
+        [`curvzoo.hessian_diagonal`][].
+    - `method`: as for [`curvzoo.ggn_diagonal`][].
+    - `per_sample`: if `True`, the squared gradients one sample at a time: sample `n`'s
+        entry is the empirical Fisher of the batch of that sample alone,
+        `scale(1) * g_n^2`; the batch's diagonal is their mean (`reduction="mean"`) or
+        sum (`"sum"`).
+
+    **Returns:**
+
+    A PyTree with the structure of `equinox.filter(model, filter_spec)`: the diagonal at
+    each trained leaf, `None` elsewhere; with `per_sample=True` each array gains a
+    leading axis of size `N`.
+
+    **Cost:** one gradient column per sample: for `MLP` and `CNN` about two gradients
+    (dense layers contract the squared inputs and squared output gradients in one
+    matrix product, never forming a per-sample gradient); otherwise one
+    vector-Jacobian product per sample, `jax.vmap`ped in chunks.
+    """
+    _check_method(method)
+    _check_bool(per_sample, "per_sample")
+    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget)
+    _require_per_sample_form(loss, "`empirical_fisher_diagonal`", factor=False)
+    inputs, targets = split_batch(batch)
+    one_draw = (inputs, jnp.asarray(targets)[:, None])
+    return _squared_columns(setup, model, loss, one_draw, method, "gradients", per_sample)
+
+
+@no_type_check
+def fisher_diagonal(
+    model: eqx.Module,
+    loss: AbstractLoss,
+    batch: PyTree,
+    *,
+    key: Array,
+    num_samples: int = 1,
+    filter_spec: PyTree | Callable = eqx.is_inexact_array,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    method: str = "auto",
+) -> PyTree:
+    """A Monte-Carlo estimate of the Fisher information's diagonal: for every sample,
+    `num_samples` targets are drawn from the model's predictive distribution, and the
+    squared gradients at those targets are averaged,
+    `scale * sum_n mean_s (grad per_sample(f_n, y_ns))^2`.
+
+    The draws come from `loss.sample_targets`: a categorical on the softmax for
+    cross-entropy, a Bernoulli on the sigmoid for BCE, and `Normal(f, 1/2)` for MSE, the
+    Gaussian whose negative log-likelihood MSE is up to a constant. With these, the
+    expectation is exactly the GGN diagonal ([`curvzoo.ggn_diagonal`][]), on the same
+    scale; the estimate is unbiased for it, and non-negative.
+
+    **Arguments:**
+
+    - `model`: any Equinox module that maps one example to one prediction. It is not
+        modified.
+    - `loss`: a curvzoo loss with a `sample_targets` method (all of
+        `curvzoo.losses.*`).
+    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`;
+        the targets are checked like everywhere else but not used.
+    - `key`: a JAX PRNG key (keyword-only, required). The same key gives the same
+        result.
+    - `num_samples`: targets drawn per sample (default 1).
+    - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`: as for
+        [`curvzoo.hessian_diagonal`][].
+    - `method`: as for [`curvzoo.ggn_diagonal`][].
+
+    **Returns:**
+
+    A PyTree with the structure of `equinox.filter(model, filter_spec)`: the estimate at
+    each trained leaf, `None` elsewhere.
+
+    **Cost:** one forward pass to draw the targets, then `num_samples` gradient columns
+    per sample, as in [`curvzoo.empirical_fisher_diagonal`][].
+    """
+    check_key(key)
+    check_positive_int(num_samples, "num_samples")
+    _check_method(method)
+    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget)
+    _require_per_sample_form(loss, "`fisher_diagonal`", factor=False, sampler=True)
+    inputs, targets = split_batch(batch)
+    drawn = _sampled_targets(loss, model, inputs, key, int(num_samples))
+    expected = jnp.shape(targets)[1:]
+    if drawn.shape[2:] != expected:
+        raise ValueError(
+            f"`loss.sample_targets` must return one sample's targets, of shape {expected}; "
+            f"it returned shape {drawn.shape[2:]}."
+        )
+    return _squared_columns(setup, model, loss, (inputs, drawn), method, "gradients", False)
+
+
+@no_type_check
+def hutchinson_diagonal(
+    model: eqx.Module,
+    loss: Callable,
+    batch: PyTree,
+    *,
+    key: Array,
+    num_probes: int,
+    control_variate: str | None = None,
+    return_stderr: bool = False,
+    filter_spec: PyTree | Callable = eqx.is_inexact_array,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+) -> PyTree | tuple[PyTree, PyTree]:
+    """Hutchinson's unbiased estimate of the Hessian diagonal, `mean(z * (H z))` over
+    Rademacher probes `z` (Bekas, Kokiopoulou and Saad 2007; as in AdaHessian, Yao et
+    al. 2021).
+
+    With `control_variate="ggn"` the probes estimate `diag(H - G)` instead and the
+    exact GGN diagonal ([`curvzoo.ggn_diagonal`][]) is added back. The estimate stays
+    unbiased; its variance, `sum_{j != i} (H - G)_ij^2 / num_probes` for entry `i`
+    instead of `sum_{j != i} H_ij^2 / num_probes`, is much lower where the Hessian is
+    close to the GGN (well-fitted models, nearly piecewise-linear networks).
+
+    **Arguments:**
+
+    - `model`: any Equinox module. It is not modified.
+    - `loss`: a curvzoo loss or any callable `loss(model, batch) -> scalar`; the control
+        variate needs a curvzoo loss.
+    - `batch`: a PyTree of arrays sharing a leading batch axis; for curvzoo losses a
+        pair `(inputs, targets)`.
+    - `key`: a JAX PRNG key (keyword-only, required). Probe `i` comes from
+        `jax.random.split(key, num_probes)[i]`: the same key gives the same result,
+        whatever `chunk_size`.
+    - `num_probes`: how many probes to average (at least 2 with `return_stderr`).
+    - `control_variate`: `None` (default) or `"ggn"`.
+    - `return_stderr`: if `True`, also return the standard error of each entry, the
+        sample standard deviation over probes divided by `sqrt(num_probes)`.
+    - `filter_spec`, `memory_budget`: as for [`curvzoo.hessian_diagonal`][].
+    - `chunk_size`: probes evaluated together with `jax.vmap`; `None` (default) picks
+        the largest chunk that fits `memory_budget`.
+
+    **Returns:**
+
+    A PyTree with the structure of `equinox.filter(model, filter_spec)`: the estimate at
+    each trained leaf, `None` elsewhere. With `return_stderr=True`, a pair
+    `(estimate, stderr)` of two such PyTrees.
+
+    **Cost:** one Hessian-vector product per probe (about two gradients), plus with the
+    control variate one Gauss-Newton-vector product per probe (about one more gradient)
+    and one exact GGN diagonal. Memory does not grow with `num_probes`: chunks of
+    probes are reduced to a running mean and variance as they go.
+
+    **Example:**
+
+    ```python
+    estimate, stderr = curvzoo.hutchinson_diagonal(
+        model, loss, batch, key=jax.random.key(0), num_probes=16,
+        control_variate="ggn", return_stderr=True,
+    )
+    ```
+    """
+    check_key(key)
+    check_positive_int(num_probes, "num_probes")
+    if control_variate not in (None, "ggn"):
+        raise ValueError(f"`control_variate` must be None or 'ggn', got {control_variate!r}.")
+    _check_bool(return_stderr, "return_stderr")
+    if return_stderr and num_probes < 2:
+        raise ValueError(
+            f"`return_stderr=True` needs `num_probes` >= 2 to estimate a spread, got {num_probes}."
+        )
+    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget)
+    params, static, prediction_shape, chunk_size, memory_budget = setup
+    subtract = control_variate == "ggn"
+    if subtract:
+        _require_per_sample_form(loss, "`hutchinson_diagonal(control_variate='ggn')`", factor=True)
+    scale = _scale(loss, prediction_shape, False) if subtract else 1.0
+    estimate, stderr = hutchinson_kernel(
         params,
         static,
         loss,
         batch,
-        None if chunk_size is None else int(chunk_size),
-        int(memory_budget),
+        scale,
+        key,
+        int(num_probes),
+        subtract,
+        chunk_size,
+        memory_budget,
     )
+    if subtract:
+        exact = _squared_columns(setup, model, loss, batch, "auto", "ggn", False)
+        estimate = jax.tree.map(jnp.add, estimate, exact)
+    return (estimate, stderr) if return_stderr else estimate

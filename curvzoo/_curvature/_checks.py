@@ -167,14 +167,33 @@ def _trace_loss(loss: Callable, model: eqx.Module, batch: PyTree):
     return prediction_shape
 
 
-def check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> None:
+def check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> tuple | None:
     """Trace `loss(model, batch)` (no compute; remembered per shapes) and check that it
     is a real scalar and, for a curvzoo loss, that the targets fit the predictions.
     Target values (label range, BCE targets in `[0, 1]`) are checked where they are
     concrete, that is outside `jax.jit`; inside it they cannot be, and stay the caller's
-    responsibility."""
+    responsibility.
+
+    **Returns:** for a curvzoo loss the shape of the batch of predictions, else `None`.
+    """
     prediction_shape = cached("loss", lambda: _trace_loss(loss, model, batch), loss, model, batch)
     if isinstance(loss, AbstractLoss):
         targets = batch[1]
         if not isinstance(targets, jax.core.Tracer):
             loss.check_values(prediction_shape, np.asarray(targets))
+    return prediction_shape
+
+
+def check_key(key: Any) -> None:
+    """`key` must be a JAX PRNG key: a typed key array of shape `()` or a legacy
+    `uint32` key of shape `(2,)`."""
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+        return
+    if dtype == jnp.uint32 and shape == (2,):
+        return
+    got = f"an array of shape {shape} and dtype {dtype}" if dtype is not None else repr(key)
+    raise TypeError(
+        "`key` must be one JAX PRNG key, such as `jax.random.key(0)` or "
+        f"`jax.random.PRNGKey(0)`; got {got}."
+    )

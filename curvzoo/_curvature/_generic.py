@@ -61,3 +61,29 @@ def generic_hessian_diagonal(
     if count < size:
         diagonal = jnp.concatenate([diagonal, jnp.zeros(size - count, diagonal.dtype)])
     return unravel(diagonal)
+
+
+@eqx.filter_jit
+def generic_per_sample_hessian_diagonal(
+    params: PyTree,
+    static: PyTree,
+    loss: Callable,
+    batch: PyTree,
+    chunk_size: int | None,
+    memory_budget: int,
+) -> PyTree:
+    """The generic kernel on each sample's one-sample batch in turn: `diag` of
+    `loss(model, batch_n)` for every `n`, stacked on a new leading axis.
+
+    Cost: `P` Hessian-vector products of a one-sample loss per sample, `N P` in all (about
+    the work of `P` products on the whole batch); samples run one after another
+    (`jax.lax.map`), so memory is that of the generic kernel on one sample plus the
+    `N x P` result.
+    """
+    arrays, other = eqx.partition(batch, eqx.is_array)
+
+    def one(sample):
+        single = eqx.combine(jax.tree.map(lambda leaf: leaf[None], sample), other)
+        return generic_hessian_diagonal(params, static, loss, single, chunk_size, memory_budget)
+
+    return jax.lax.map(one, arrays)

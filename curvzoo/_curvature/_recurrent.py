@@ -343,10 +343,14 @@ def recurrent_hessian_diagonal(
     static: PyTree,
     loss,
     batch: PyTree,
+    scale: float,
     chunk_size: int | None,
     memory_budget: int,
+    keep_samples: bool = False,
 ) -> PyTree:
-    """Exact `diag(H)` of a curvzoo loss for a zoo RNN (see the module docstring)."""
+    """Exact `diag(H)` of a curvzoo loss for a zoo RNN (see the module docstring).
+    `scale` multiplies the sum over samples; `keep_samples=True` returns one diagonal
+    per sample on a new leading axis instead of the sum."""
     model = eqx.combine(params, static)
     chain = model._recurrent_chain()
 
@@ -360,8 +364,16 @@ def recurrent_hessian_diagonal(
         return _diagonals(chain, model, weighted, inputs)
 
     dtype = _state_dtype(chain.cell(model), jnp.asarray(batch[0]))
+    inputs, targets = (jnp.asarray(leaf) for leaf in batch)
     cell_diag, head_diag = sum_over_samples(
-        loss, model, batch, per_sample, contract, chunk_size, memory_budget, dtype
+        (inputs, targets),
+        per_sample,
+        contract,
+        scale,
+        chunk_size,
+        memory_budget,
+        dtype,
+        keep_samples=keep_samples,
     )
     full = eqx.tree_at(
         lambda mod: (chain.cell(mod), chain.head(mod)),

@@ -1,4 +1,4 @@
-"""Sums over samples in chunks, shared by the structured kernels."""
+"""Sums over samples in chunks, shared by the kernels that work sample by sample."""
 
 from collections.abc import Callable
 
@@ -14,10 +14,15 @@ def trained_mask(params: PyTree) -> PyTree:
     return jax.tree.map(lambda leaf: leaf is not None, params, is_leaf=lambda x: x is None)
 
 
+def _first(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda leaf: leaf[0], tree)
+
+
 def sample_chunks(
     per_sample: Callable, inputs, targets, chunk_size: int | None, memory_budget: int, dtype
 ):
-    """Split a batch `(inputs, targets)` into equal chunks of samples for `jax.lax.scan`.
+    """Split a batch `(inputs, targets)` (PyTrees of arrays with a leading batch axis)
+    into equal chunks of samples for `jax.lax.scan`.
 
     With `chunk_size=None` the chunk is the largest whose per-sample working set
     (measured on `per_sample`'s traced intermediates) fits `memory_budget`. Chunks are
@@ -28,9 +33,9 @@ def sample_chunks(
     **Returns:** `(chunked_inputs, chunked_targets, mask)`, each with leading axes
     `(num_chunks, chunk)`.
     """
-    num = inputs.shape[0]
+    num = jax.tree.leaves(inputs)[0].shape[0]
     if chunk_size is None:
-        lane = bytes_per_lane(lambda xy: per_sample(*xy), (inputs[0], targets[0]))
+        lane = bytes_per_lane(lambda xy: per_sample(*xy), (_first(inputs), _first(targets)))
         chunk_size = chunk_from_budget(lane, num, memory_budget)
     num_chunks = -(-num // min(chunk_size, num))
     chunk_size = -(-num // num_chunks)
@@ -43,36 +48,53 @@ def sample_chunks(
         return leaf.reshape(num_chunks, chunk_size, *leaf.shape[1:])
 
     mask = (jnp.arange(padded) < num).astype(dtype).reshape(num_chunks, chunk_size)
-    return chunked(inputs), chunked(targets), mask
+    return jax.tree.map(chunked, inputs), jax.tree.map(chunked, targets), mask
 
 
 def sum_over_samples(
-    loss,
-    model,
     batch: PyTree,
     per_sample: Callable,
     contract: Callable,
+    scale: float,
     chunk_size: int | None,
     memory_budget: int,
     dtype,
+    *,
+    keep_samples: bool = False,
 ) -> PyTree:
-    """`loss.scale(N, ...) * sum over chunks of contract(pieces, inputs, mask)`.
+    """`scale * sum over chunks of contract(pieces, inputs, mask)`, or with
+    `keep_samples=True` the same per sample, stacked on a new leading axis.
 
-    `per_sample(x, y)` gives one sample's pieces; `contract(pieces, inputs, mask)` turns a
-    chunk's stacked pieces into a PyTree of sums over that chunk, weighting each sample by
-    `mask` (0 for padding). Chunks are scanned, so memory holds one chunk at a time.
+    `batch` is `(inputs, targets)`. `per_sample(x, y)` gives one sample's pieces;
+    `contract(pieces, inputs, mask)` turns a chunk's stacked pieces into a PyTree of
+    sums over that chunk, weighting each sample by `mask` (0 for padding). Chunks are
+    scanned, so memory holds one chunk at a time (plus, with `keep_samples`, the
+    stacked result).
     """
-    inputs, targets = (jnp.asarray(leaf) for leaf in batch)
+    inputs, targets = batch
     chunks = sample_chunks(per_sample, inputs, targets, chunk_size, memory_budget, dtype)
 
     def chunk_sum(x, y, mask):
         return contract(jax.vmap(per_sample)(x, y), x, mask)
 
+    def sample_results(x, y, mask):
+        # Each sample as a chunk of one: the same contraction, so no second code path.
+        def one(piece, xi, mi):
+            expand = lambda tree: jax.tree.map(lambda leaf: leaf[None], tree)  # noqa: E731
+            return contract(expand(piece), expand(xi), mi[None])
+
+        return jax.vmap(one)(jax.vmap(per_sample)(x, y), x, mask)
+
+    if keep_samples:
+        stacked = jax.lax.map(lambda chunk: sample_results(*chunk), chunks)
+        num = jax.tree.leaves(inputs)[0].shape[0]
+        return jax.tree.map(lambda leaf: scale * leaf.reshape(-1, *leaf.shape[2:])[:num], stacked)
+
     def accumulate(total, chunk):
         return jax.tree.map(jnp.add, total, chunk_sum(*chunk)), None
 
-    first = jax.tree.map(lambda leaf: leaf[0], chunks)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_sum, *first))
+    zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_sum, *_first(chunks))
+    )
     total, _ = jax.lax.scan(accumulate, zeros, chunks)
-    scale = loss.scale(inputs.shape[0], jax.eval_shape(model, inputs[0]).shape)
     return jax.tree.map(lambda leaf: scale * leaf, total)

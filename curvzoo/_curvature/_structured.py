@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
+from ._factors import output_factor
 from ._layers import describe, Elementwise, Linear, ParamLayer
 from ._samples import sum_over_samples, trained_mask
 
@@ -105,12 +106,13 @@ def _linear_pullback(op, model, u):
     return lambda cotangent: vjp(cotangent)[0]
 
 
-def _pull(op, model, state: _State, u: Array, g_out: Array) -> _State | None:
-    """The state below `op` from the state above it; `None` if not representable."""
+def _pull(op, model, state: _State, u: Array, g_out: Array | None) -> _State | None:
+    """The state below `op` from the state above it; `None` if not representable.
+    `g_out` is the loss's gradient at `op`'s output, or `None` to leave out residuals."""
     if isinstance(op, Elementwise):
         d1, d2 = op.derivatives(u)
         rdiag = None if state.rdiag is None else state.rdiag * d1**2
-        if op.has_residual:
+        if op.has_residual and g_out is not None:
             residual = d2 * g_out
             rdiag = residual if rdiag is None else rdiag + residual
         return _State(
@@ -166,7 +168,7 @@ def _forward_contribution(index, ops, model, states, us, gs) -> PyTree:
         above = ops[j]
         if isinstance(above, Elementwise):
             d1, d2 = above.derivatives(us[j])
-            if above.has_residual:
+            if above.has_residual and gs[j + 1] is not None:
                 axes = tuple(range(1, tangents.ndim))
                 total = total + jnp.sum(tangents**2 * (d2 * gs[j + 1]), axis=axes)
             tangents = tangents * d1
@@ -177,7 +179,7 @@ def _forward_contribution(index, ops, model, states, us, gs) -> PyTree:
     return unravel(total + states[j].quadratic(tangents))
 
 
-def _per_sample(model, ops, trainable, loss, x, y):
+def _per_sample(model, ops, trainable, loss, quantity, x, y):
     """One sample's pieces: for a dense layer `(input**2, diag(H_z))`, otherwise its
     diagonal as a layer-shaped PyTree (of the per-sample loss, unscaled)."""
     us = [x]
@@ -186,12 +188,14 @@ def _per_sample(model, ops, trainable, loss, x, y):
     prediction = us[-1]
     lowest = min(trainable)
 
+    # The loss's gradients at every op's output, for the residuals (Hessian only).
     gs = [None] * len(us)
-    gs[-1] = jax.grad(loss.per_sample)(prediction, y)
-    for i in reversed(range(lowest + 1, len(ops))):
-        gs[i] = _linear_pullback(ops[i], model, us[i])(gs[i + 1])
+    if quantity == "hessian":
+        gs[-1] = jax.grad(loss.per_sample)(prediction, y)
+        for i in reversed(range(lowest + 1, len(ops))):
+            gs[i] = _linear_pullback(ops[i], model, us[i])(gs[i + 1])
 
-    cols, weights = loss.output_hessian_factor(prediction, y)
+    cols, weights = output_factor(quantity, loss, prediction, y)
     states = [None] * len(us)
     states[-1] = _State([(cols, weights)], [], None)
     for i in reversed(range(lowest + 1, len(ops))):
@@ -212,16 +216,22 @@ def _per_sample(model, ops, trainable, loss, x, y):
 
 
 @eqx.filter_jit
-def structured_hessian_diagonal(
+def structured_diagonal(
     params: PyTree,
     static: PyTree,
     loss,
     batch: PyTree,
+    scale: float,
     chunk_size: int | None,
     memory_budget: int,
+    quantity: str = "hessian",
+    keep_samples: bool = False,
 ) -> PyTree:
     """Exact `diag(H)` of a curvzoo loss for a layered model, by Hessian
-    backpropagation (see the module docstring).
+    backpropagation (see the module docstring); with `quantity="ggn"` or
+    `"gradients"` the same without residuals, from that quantity's output columns
+    (`_factors.py`). `scale` multiplies the sum over samples; `keep_samples=True`
+    returns one diagonal per sample on a new leading axis instead of the sum.
 
     Cost, per sample: a forward and a backward pass, the loss Hessian's `C` columns
     pulled down through every layer (`C` extra backward passes, as matrix products),
@@ -244,7 +254,7 @@ def structured_hessian_diagonal(
     layers = [_split_layer(ops[i], model) for i in trainable]
 
     def per_sample(x, y):
-        return _per_sample(model, ops, trainable, loss, x, y)
+        return _per_sample(model, ops, trainable, loss, quantity, x, y)
 
     def contract(pieces, inputs, mask):
         sums = []
@@ -259,8 +269,17 @@ def structured_hessian_diagonal(
 
     dtype = jnp.result_type(*jax.tree.leaves(params))
     totals = sum_over_samples(
-        loss, model, batch, per_sample, contract, chunk_size, memory_budget, dtype
+        (jnp.asarray(batch[0]), jnp.asarray(batch[1])),
+        per_sample,
+        contract,
+        scale,
+        chunk_size,
+        memory_budget,
+        dtype,
+        keep_samples=keep_samples,
     )
+
+    # With `keep_samples` the leaves carry a leading sample axis; tree_at does not mind.
     diagonals = [eqx.combine(total, ls) for total, (_, ls) in zip(totals, layers)]
     full = eqx.tree_at(lambda m: [ops[i].layer(m) for i in trainable], model, diagonals)
     return eqx.filter(full, mask_tree)

@@ -5,7 +5,13 @@ from typing import no_type_check
 import equinox as eqx
 from jaxtyping import Array, PyTree
 
-from .._curvature import hessian_diagonal
+from .._curvature import (
+    empirical_fisher_diagonal,
+    fisher_diagonal,
+    ggn_diagonal,
+    hessian_diagonal,
+    hutchinson_diagonal,
+)
 
 
 class AbstractModel(eqx.Module):
@@ -14,35 +20,48 @@ class AbstractModel(eqx.Module):
     A zoo model is an Equinox module that maps one example to one prediction, like the
     layers of `equinox.nn`; a batch is handled by `jax.vmap` inside the losses. The
     curvature methods are written here once and call the functional API with the model
-    as first argument, so `model.hessian_diagonal(loss, batch)` is
-    `curvzoo.hessian_diagonal(model, loss, batch)`.
+    as first argument, so `model.hessian_diagonal(loss, batch, **options)` is
+    `curvzoo.hessian_diagonal(model, loss, batch, **options)`, and likewise for
+    `ggn_diagonal`, `fisher_diagonal`, `empirical_fisher_diagonal` and
+    `hutchinson_diagonal`.
     """
 
     @abc.abstractmethod
     def __call__(self, x: Array) -> Array:
         """The prediction for one example."""
 
-    @no_type_check  # arguments are checked by `curvzoo.hessian_diagonal`
-    def hessian_diagonal(
-        self,
-        loss: Callable,
-        batch: PyTree,
-        *,
-        filter_spec: PyTree | Callable = eqx.is_inexact_array,
-        chunk_size: int | None = None,
-        memory_budget: int | None = None,
-        method: str = "auto",
-    ) -> PyTree:
+    # Arguments are checked by the functions these forward to.
+    @no_type_check
+    def hessian_diagonal(self, loss: Callable, batch: PyTree, **options) -> PyTree:
         """The exact diagonal of the loss's Hessian with respect to this model's
-        trainable parameters. See [`curvzoo.hessian_diagonal`][] for the arguments and
-        the structure of the result.
+        trainable parameters. See [`curvzoo.hessian_diagonal`][] for the options
+        (`filter_spec`, `chunk_size`, `memory_budget`, `method`, `per_sample`) and the
+        structure of the result.
         """
-        return hessian_diagonal(
-            self,
-            loss,
-            batch,
-            filter_spec=filter_spec,
-            chunk_size=chunk_size,
-            memory_budget=memory_budget,
-            method=method,
-        )
+        return hessian_diagonal(self, loss, batch, **options)
+
+    @no_type_check
+    def ggn_diagonal(self, loss: Callable, batch: PyTree, **options) -> PyTree:
+        """The exact diagonal of the generalised Gauss-Newton matrix. See
+        [`curvzoo.ggn_diagonal`][]."""
+        return ggn_diagonal(self, loss, batch, **options)
+
+    @no_type_check
+    def fisher_diagonal(self, loss: Callable, batch: PyTree, **options) -> PyTree:
+        """A Monte-Carlo estimate of the Fisher diagonal (needs `key=`). See
+        [`curvzoo.fisher_diagonal`][]."""
+        return fisher_diagonal(self, loss, batch, **options)
+
+    @no_type_check
+    def empirical_fisher_diagonal(self, loss: Callable, batch: PyTree, **options) -> PyTree:
+        """The diagonal of the empirical Fisher (squared per-sample gradients). See
+        [`curvzoo.empirical_fisher_diagonal`][]."""
+        return empirical_fisher_diagonal(self, loss, batch, **options)
+
+    @no_type_check
+    def hutchinson_diagonal(
+        self, loss: Callable, batch: PyTree, **options
+    ) -> PyTree | tuple[PyTree, PyTree]:
+        """Hutchinson's estimate of the Hessian diagonal (needs `key=` and
+        `num_probes=`). See [`curvzoo.hutchinson_diagonal`][]."""
+        return hutchinson_diagonal(self, loss, batch, **options)
