@@ -1,5 +1,7 @@
 """Shared helpers: reference computations, tiny zoo models and matching batches."""
 
+import itertools
+
 import curvzoo as cz
 import equinox as eqx
 import jax
@@ -109,6 +111,20 @@ MODELS = [
 ]
 
 LOSS_CLASSES = {"ce": cz.losses.CrossEntropy, "mse": cz.losses.MSE, "bce": cz.losses.BCEWithLogits}
+
+
+def with_reductions(*axes):
+    """Every combination of the values in `axes`, each with one reduction appended:
+    `"mean"` where the values' indices sum to an even number, `"sum"` otherwise. Along
+    any axis the reduction alternates, so every value of every axis meets both
+    reductions (given two or more values on the other axes) at half the cost of the full
+    product: the reduction is a scalar factor, not a new code path per model."""
+    cases = []
+    for indices in itertools.product(*(range(len(axis)) for axis in axes)):
+        values = [axis[i] for axis, i in zip(axes, indices)]
+        cases.append((*values, "mean" if sum(indices) % 2 == 0 else "sum"))
+    return cases
+
 
 BATCH_SIZE = 5
 SEQUENCE_LENGTH = 4

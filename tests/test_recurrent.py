@@ -15,6 +15,7 @@ from .helpers import (
     make_targets,
     reference_hessian_diagonal,
     spy_kernels,
+    with_reductions,
 )
 
 
@@ -42,9 +43,7 @@ def test_sequence_lengths_and_batch_sizes(cell, readout, steps, batch_size, getk
     _check(model, cz.losses.CrossEntropy(reduction="sum"), batch)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("loss_name", ["mse", "bce"])
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell,loss_name,reduction", with_reductions(CELLS, ["mse", "bce"]))
 def test_losses_per_step_readout(cell, loss_name, reduction, getkey):
     model = cz.RNN(3, 4, 2, cell, "all", key=getkey())
     loss = LOSS_CLASSES[loss_name](reduction=reduction)

@@ -15,6 +15,7 @@ from .helpers import (
     reference_hessian_diagonal,
     spy_kernels,
     tree_allclose,
+    with_reductions,
 )
 
 
@@ -33,9 +34,9 @@ def _check(model, loss, batch):
     return result
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("loss_name", sorted(LOSS_CLASSES))
-@pytest.mark.parametrize("depth", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize(
+    "depth,loss_name,reduction", with_reductions([0, 1, 2, 3, 4], sorted(LOSS_CLASSES))
+)
 def test_mlp_depths(depth, loss_name, reduction, getkey):
     model = cz.MLP(3, 3, 4, depth, key=getkey())
     loss = LOSS_CLASSES[loss_name](reduction=reduction)
@@ -52,9 +53,9 @@ def test_mlp_activations(activation, depth, getkey):
     assert_diagonal_close(result, generic)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("loss_name", sorted(LOSS_CLASSES))
-@pytest.mark.parametrize("pool", ["max", "avg"])
+@pytest.mark.parametrize(
+    "pool,loss_name,reduction", with_reductions(["max", "avg"], sorted(LOSS_CLASSES))
+)
 def test_cnn(pool, loss_name, reduction, getkey):
     model = cz.CNN(2, 3, (11, 10), channels=(2, 3), pool=pool, key=getkey())
     loss = LOSS_CLASSES[loss_name](reduction=reduction)

@@ -100,6 +100,14 @@ def split_trainable(model: eqx.Module, filter_spec: PyTree | Callable) -> tuple:
                 "`filter_spec` must be a callable or a PyTree of bools (or callables) "
                 f"that is a prefix of `model`; it holds {type(bad[0]).__name__} leaves."
             )
+    if callable(filter_spec) and not isinstance(filter_spec, eqx.Module):
+        # One pass: the spec and "is a floating-point array" in a single predicate.
+        params, static = eqx.partition(
+            model, lambda leaf: eqx.is_inexact_array(leaf) and filter_spec(leaf)
+        )
+        if not jax.tree.leaves(params):
+            raise ValueError(_NOTHING_TO_DIFFERENTIATE)
+        return params, static
     try:
         params, static = eqx.partition(model, filter_spec)
     except ValueError as error:
@@ -111,11 +119,13 @@ def split_trainable(model: eqx.Module, filter_spec: PyTree | Callable) -> tuple:
     params, frozen = eqx.partition(params, eqx.is_inexact_array)
     static = eqx.combine(static, frozen)
     if not jax.tree.leaves(params):
-        raise ValueError(
-            "`filter_spec` leaves nothing to differentiate: it selects no floating-point "
-            "array of `model`."
-        )
+        raise ValueError(_NOTHING_TO_DIFFERENTIATE)
     return params, static
+
+
+_NOTHING_TO_DIFFERENTIATE = (
+    "`filter_spec` leaves nothing to differentiate: it selects no floating-point array of `model`."
+)
 
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()

@@ -93,8 +93,11 @@ def sum_over_samples(
     def accumulate(total, chunk):
         return jax.tree.map(jnp.add, total, chunk_sum(*chunk)), None
 
-    zeros = jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_sum, *_first(chunks))
-    )
-    total, _ = jax.lax.scan(accumulate, zeros, chunks)
+    if chunks[-1].shape[0] == 1:  # one chunk: no loop, so XLA can fuse across it
+        total = chunk_sum(*_first(chunks))
+    else:
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_sum, *_first(chunks))
+        )
+        total, _ = jax.lax.scan(accumulate, zeros, chunks)
     return jax.tree.map(lambda leaf: scale * leaf, total)
