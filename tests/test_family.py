@@ -329,3 +329,43 @@ def test_family_results_are_module_shaped_with_frozen_leaves(getkey):
         filter_spec=spec,
     )
     np.testing.assert_allclose(_flat(results[0]), _flat(ggn64), rtol=1e-4)
+
+
+class _HalfMSE(cz.losses.MSE):
+    """`0.5 * sum (f - y)^2` with its own element curvature: the GGN may use it."""
+
+    def per_sample(self, prediction, target):
+        return 0.5 * jnp.sum((prediction - target) ** 2)
+
+    def element_curvature(self, prediction):
+        return jnp.ones_like(prediction)
+
+
+def test_subclass_with_its_own_curvature(getkey):
+    """A loss subclass that overrides `per_sample` and the curvature the GGN reads is
+    accepted, by both routes, and matches the reference; the Fisher refuses it, since
+    its inherited sampler belongs to the parent's likelihood."""
+    model = cz.MLP(3, 2, 4, 1, key=getkey())
+    batch = make_batch(model, "mse", getkey())
+    expected = reference_ggn_diagonal(model, _HalfMSE(), batch)
+    assert_diagonal_close(cz.ggn_diagonal(model, _HalfMSE(), batch), expected)
+    assert_diagonal_close(cz.ggn_diagonal(model, _HalfMSE(), batch, method="generic"), expected)
+    with pytest.raises(ValueError, match="inherits `sample_targets` from MSE"):
+        cz.fisher_diagonal(model, _HalfMSE(), batch, key=jr.key(0))
+
+
+def test_mixed_precision_leaves_keep_their_dtype(getkey):
+    model = cz.MLP(3, 3, 4, 1, key=getkey())
+    model = jax.tree.map(lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, model)
+    model = eqx.tree_at(lambda m: m.layers[1].weight, model, replace_fn=jnp.bfloat16)
+    x, y = make_batch(model, "ce", getkey())
+    batch = (x.astype(jnp.float32), y)
+    loss = cz.losses.cross_entropy
+    for result in (
+        model.ggn_diagonal(loss, batch),
+        model.ggn_diagonal(loss, batch, method="generic"),
+        model.empirical_fisher_diagonal(loss, batch),
+        model.hutchinson_diagonal(loss, batch, key=jr.key(0), num_probes=2, control_variate="ggn"),
+    ):
+        assert result.layers[1].weight.dtype == jnp.bfloat16
+        assert result.layers[0].weight.dtype == jnp.float32

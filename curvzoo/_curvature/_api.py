@@ -45,42 +45,67 @@ def _overrides(loss: AbstractLoss, name: str) -> bool:
     return defining_class(type(loss), name) is not AbstractLoss
 
 
-def _factor_mismatch(loss: AbstractLoss) -> str | None:
-    """Why `loss`'s closed-form curvature may not be that of its `per_sample`."""
+# Where a loss method may come from without any doubt that it belongs to `per_sample`:
+# absent, or written once on a base class in terms of `per_sample` (or, on
+# `AbstractElementwiseLoss`, of `element_curvature`).
+_DERIVED = (None, AbstractLoss, AbstractElementwiseLoss)
+
+# The closed-form pieces each quantity reads.
+_PIECES = {
+    "hessian": ("element_curvature", "output_hessian_factor", "output_hessian_step_factor"),
+    "ggn": ("output_hessian_factor",),
+    "gradients": (),
+}
+
+
+def _inherited(loss: AbstractLoss, name: str) -> str | None:
+    """Why `loss`'s method `name` may not belong to its `per_sample`: it comes from a
+    class whose `per_sample` a subclass has overridden. `None` if it belongs."""
     cls = type(loss)
-    owner = defining_class(cls, "per_sample")
-    for name in ("element_curvature", "output_hessian_factor", "output_hessian_step_factor"):
-        where = defining_class(cls, name)
-        if where in (None, AbstractLoss, AbstractElementwiseLoss):
-            continue  # absent, or derived from `per_sample` / `element_curvature`
-        if not issubclass(where, owner):
-            return (
-                f"`loss` ({cls.__name__}) overrides `per_sample` but inherits `{name}` from "
-                f"{where.__name__}, which may not match it"
-            )
+    where = defining_class(cls, name)
+    if where in _DERIVED or issubclass(where, defining_class(cls, "per_sample")):
+        return None
+    return (
+        f"`loss` ({cls.__name__}) overrides `per_sample` but inherits `{name}` from "
+        f"{where.__name__}, which may not match it"
+    )
+
+
+def _factor_mismatch(loss: AbstractLoss, quantity: str) -> str | None:
+    """Why the closed-form curvature that `quantity` reads may not be that of
+    `loss.per_sample`; `None` if it is."""
+    names = _PIECES[quantity]
+    if quantity == "ggn" and defining_class(type(loss), names[0]) is AbstractElementwiseLoss:
+        names = ("element_curvature",)  # the factor is built from it
+    for name in names:
+        mismatch = _inherited(loss, name)
+        if mismatch is not None:
+            return mismatch
     return None
 
 
-def _loss_mismatch(loss: AbstractLoss) -> str | None:
+def _loss_mismatch(loss: AbstractLoss, quantity: str) -> str | None:
     """Why the structured kernels, which rebuild the loss from `per_sample`, `scale` and
-    its closed-form curvature, would not compute `loss(model, batch)`; `None` if they do."""
+    its closed-form curvature, would not compute `quantity` of `loss(model, batch)`;
+    `None` if they do."""
     for name in ("__call__", "predict"):
         if _overrides(loss, name):
             return (
                 f"`loss` ({type(loss).__name__}) overrides `{name}`, which the structured "
                 "kernels do not call"
             )
-    return _factor_mismatch(loss)
+    return _factor_mismatch(loss, quantity)
 
 
-def _structured_kernel(model, loss) -> tuple[Callable | None, str | None]:
-    """The structured kernel that takes `(model, loss)`, or `None` and the reason."""
+def _structured_kernel(model, loss, quantity: str) -> tuple[Callable | None, str | None]:
+    """The structured kernel that computes `quantity` for `(model, loss)`, or `None` and
+    the reason."""
     if not isinstance(loss, AbstractLoss):
         return None, (
             "`loss` is a custom callable; the structured kernel needs a curvzoo loss "
             "(`curvzoo.losses.*`), which exposes its per-sample form"
         )
-    mismatch = _loss_mismatch(loss)
+    mismatch = _loss_mismatch(loss, quantity)
     if mismatch is not None:
         return None, mismatch
     try:
@@ -157,9 +182,12 @@ def _require_per_sample_form(loss, name: str, *, factor: bool, sampler: bool = F
             "loss's per-sample form, `scale * sum of per_sample(predict(model, inputs))`, "
             "which `__call__` then need not compute."
         )
-    mismatch = _factor_mismatch(loss) if factor else None
+    mismatch = _factor_mismatch(loss, "ggn") if factor else None
     if mismatch is not None:
         raise ValueError(f"{mismatch}; override `output_hessian_factor` too, to use {name}.")
+    mismatch = _inherited(loss, "sample_targets") if sampler else None
+    if mismatch is not None:
+        raise ValueError(f"{mismatch}; override `sample_targets` too, to use {name}.")
     if sampler and not callable(getattr(loss, "sample_targets", None)):
         raise TypeError(
             f"`loss` ({type(loss).__name__}) for {name} needs a method "
@@ -173,7 +201,7 @@ def _hessian_kernel(model, loss, batch, params, method: str) -> Callable | None:
     generic one."""
     if method == "generic":
         return None
-    kernel, reason = _structured_kernel(model, loss)
+    kernel, reason = _structured_kernel(model, loss, "hessian")
     if kernel is recurrent_hessian_diagonal and method == "auto":
         structured, generic = estimated_costs(
             model, batch, sum(leaf.size for leaf in jax.tree.leaves(params))
@@ -195,15 +223,15 @@ def _squared_columns(setup, model, loss, batch, method, quantity, per_sample):
     params, static, prediction_shape, chunk_size, memory_budget = setup
     kernel = outer_diagonal
     if method != "generic":
-        structured, reason = _structured_kernel(model, loss)
+        structured, reason = _structured_kernel(model, loss, quantity)
         if structured is structured_diagonal:
             kernel = structured_diagonal
         elif method == "structured":
             if structured is recurrent_hessian_diagonal:
                 reason = (
-                    "the zoo RNN has a structured kernel for the Hessian only; for this "
-                    "diagonal its per-sample vector-Jacobian products (`method='generic'`, "
-                    "which `'auto'` picks) already cost less"
+                    "the zoo RNN has a structured kernel for the Hessian only; this "
+                    "diagonal takes `C` vector-Jacobian products per sample (`T C` for a "
+                    "per-step readout) with `method='generic'`, which `'auto'` picks"
                 )
             raise ValueError(
                 f"`method='structured'` cannot be used here: {reason}. Use "
@@ -334,8 +362,9 @@ def ggn_diagonal(
     in that prediction (Schraudolph 2002).
 
     `G` is the Hessian without the network's own second derivatives: it equals the
-    Hessian for a model linear in its parameters, and for a piecewise-linear network
-    (ReLU) under cross-entropy or BCE. It is positive semi-definite for the curvzoo
+    Hessian for a model linear in its parameters, and its diagonal equals the
+    Hessian's for a piecewise-linear feed-forward network (ReLU), whatever the loss
+    (the off-diagonal blocks differ). It is positive semi-definite for the curvzoo
     losses, and the expectation of the Fisher (`curvzoo.fisher_diagonal`).
 
     **Arguments:**
@@ -362,11 +391,12 @@ def ggn_diagonal(
 
     **Cost:** never `P` products. The generic route takes, per sample, one forward pass
     and one vector-Jacobian product per column of a square root of `H_n` (`C` columns for
-    `C` outputs: cross-entropy, MSE, BCE), with the `C` parameter-sized gradients of a
-    chunk of samples in memory. The structured route for `MLP` and `CNN` pulls the same
-    `C` columns down the layers as matrix products and contracts each dense layer with
-    its squared inputs in one matrix product over the batch; it never forms a
-    per-sample gradient.
+    `C` outputs: cross-entropy, MSE, BCE; `T C` for a per-step readout over `T` steps),
+    with that many parameter-sized gradients per sample of a chunk in memory. The
+    structured route for `MLP` and `CNN` pulls the same `C` columns down the layers as
+    matrix products and contracts each dense layer with its squared inputs in one matrix
+    product over the batch, never forming a per-sample gradient of a dense layer (a
+    convolution takes `C` per-sample weight gradients).
 
     **Example:**
 
@@ -523,7 +553,9 @@ def hutchinson_diagonal(
     exact GGN diagonal ([`curvzoo.ggn_diagonal`][]) is added back. The estimate stays
     unbiased; its variance, `sum_{j != i} (H - G)_ij^2 / num_probes` for entry `i`
     instead of `sum_{j != i} H_ij^2 / num_probes`, is much lower where the Hessian is
-    close to the GGN (well-fitted models, nearly piecewise-linear networks).
+    close to the GGN: least squares near a fit, where the residuals that `H - G` is
+    made of vanish. Under cross-entropy it typically does not help, as the loss's own
+    Hessian shrinks with the residuals too (see the benchmark in the README).
 
     **Arguments:**
 
@@ -533,8 +565,8 @@ def hutchinson_diagonal(
     - `batch`: a PyTree of arrays sharing a leading batch axis; for curvzoo losses a
         pair `(inputs, targets)`.
     - `key`: a JAX PRNG key (keyword-only, required). Probe `i` comes from
-        `jax.random.split(key, num_probes)[i]`: the same key gives the same result,
-        whatever `chunk_size`.
+        `jax.random.split(key, num_probes)[i]`: the same key gives the same result, and
+        the same probes whatever `chunk_size` (results then agree to rounding).
     - `num_probes`: how many probes to average (at least 2 with `return_stderr`).
     - `control_variate`: `None` (default) or `"ggn"`.
     - `return_stderr`: if `True`, also return the standard error of each entry, the

@@ -44,13 +44,15 @@ def hutchinson_kernel(
     """The mean of `z * (A z)` over `num_probes` Rademacher probes and its standard
     error, for `A = H` or (with `subtract_ggn`) `A = H - G`.
 
-    Probe `i` is drawn from `jax.random.split(key, num_probes)[i]`, so the result does
-    not depend on `chunk_size`. Cost: one Hessian-vector product per probe (forward
-    over reverse on one shared linearisation of the gradient), plus with `subtract_ggn`
-    one Gauss-Newton-vector product (a Jacobian-vector product, the loss's Hessian in
-    the prediction, a vector-Jacobian product). Memory: the linearisation and, per probe
-    in a chunk, a few parameter-sized vectors; the statistics are merged chunk by chunk
-    (Chan's update), so memory does not grow with `num_probes`.
+    Probe `i` is drawn from `jax.random.split(key, num_probes)[i]`, so the probes do
+    not depend on `chunk_size` (the result only through rounding).
+
+    Cost: one Hessian-vector product per probe (forward over reverse on one shared
+    linearisation of the gradient), plus with `subtract_ggn` one Gauss-Newton-vector
+    product (a Jacobian-vector product, the loss's Hessian in the prediction, a
+    vector-Jacobian product). Memory: the linearisation and, per probe in a chunk, a few
+    parameter-sized vectors; the statistics are merged chunk by chunk (Chan's update),
+    so memory does not grow with `num_probes`.
     """
     flat, unravel = ravel_pytree(params)
     size = flat.size
@@ -78,11 +80,14 @@ def hutchinson_kernel(
         z = jax.random.rademacher(k, (size,), dtype=flat.dtype)
         return z * product(z)
 
+    # Statistics in at least float32, whatever the parameters' precision.
+    stat_dtype = jnp.promote_types(flat.dtype, jnp.float32)
+
     def statistics(chunk_keys):
-        samples = jax.vmap(probe)(chunk_keys)
+        samples = jax.vmap(probe)(chunk_keys).astype(stat_dtype)
         mean = jnp.mean(samples, axis=0)
         m2 = jnp.sum((samples - mean) ** 2, axis=0)
-        return jnp.asarray(samples.shape[0], flat.dtype), mean, m2
+        return jnp.asarray(samples.shape[0], stat_dtype), mean, m2
 
     keys = jax.random.split(key, num_probes)
     if chunk_size is None:
@@ -94,10 +99,10 @@ def hutchinson_kernel(
     def accumulate(carry, chunk_keys):
         return _merge(carry, statistics(chunk_keys)), None
 
-    zeros = jnp.zeros(size, flat.dtype)
-    stats, _ = jax.lax.scan(accumulate, (jnp.zeros((), flat.dtype), zeros, zeros), full)
+    zeros = jnp.zeros(size, stat_dtype)
+    stats, _ = jax.lax.scan(accumulate, (jnp.zeros((), stat_dtype), zeros, zeros), full)
     if num_full * chunk_size < num_probes:
         stats = _merge(stats, statistics(keys[num_full * chunk_size :]))
     count, mean, m2 = stats
     stderr = jnp.sqrt(m2 / jnp.maximum(count - 1, 1) / count)
-    return unravel(mean), unravel(stderr)
+    return unravel(mean.astype(flat.dtype)), unravel(stderr.astype(flat.dtype))

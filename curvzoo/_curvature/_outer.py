@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from ._factors import output_factor
-from ._samples import sum_over_samples
+from ._samples import cast_like, sum_over_samples
 
 
 @eqx.filter_jit
@@ -55,7 +55,7 @@ def outer_diagonal(
 
     inputs, targets = batch
     dtype = jnp.result_type(*jax.tree.leaves(params))
-    return sum_over_samples(
+    result = sum_over_samples(
         (inputs, jnp.asarray(targets)),
         per_sample,
         contract,
@@ -65,3 +65,4 @@ def outer_diagonal(
         dtype,
         keep_samples=keep_samples,
     )
+    return cast_like(result, params)

@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from ._samples import sum_over_samples, trained_mask
+from ._samples import cast_like, sum_over_samples, trained_mask
 
 
 # ## Cells as node inputs and unit updates
@@ -380,4 +380,4 @@ def recurrent_hessian_diagonal(
         model,
         (_replace(chain.cell(model), cell_diag), _replace(chain.head(model), head_diag)),
     )
-    return eqx.filter(full, trained_mask(params))
+    return cast_like(eqx.filter(full, trained_mask(params)), params)

@@ -14,6 +14,12 @@ def trained_mask(params: PyTree) -> PyTree:
     return jax.tree.map(lambda leaf: leaf is not None, params, is_leaf=lambda x: x is None)
 
 
+def cast_like(result: PyTree, params: PyTree) -> PyTree:
+    """Each leaf of `result` in its parameter's dtype (sums over mixed-precision
+    parameters are accumulated in their common dtype)."""
+    return jax.tree.map(lambda leaf, param: leaf.astype(param.dtype), result, params)
+
+
 def _first(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda leaf: leaf[0], tree)
 

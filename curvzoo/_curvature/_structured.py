@@ -53,7 +53,7 @@ from jaxtyping import Array, PyTree
 
 from ._factors import output_factor
 from ._layers import describe, Elementwise, Linear, ParamLayer
-from ._samples import sum_over_samples, trained_mask
+from ._samples import cast_like, sum_over_samples, trained_mask
 
 
 def _weighted_sum_of_squares(weights: Array, columns: Array) -> Array:
@@ -289,4 +289,4 @@ def structured_diagonal(
     # With `keep_samples` the leaves carry a leading sample axis; tree_at does not mind.
     diagonals = [eqx.combine(total, ls) for total, (_, ls) in zip(totals, layers)]
     full = eqx.tree_at(lambda m: [ops[i].layer(m) for i in trainable], model, diagonals)
-    return eqx.filter(full, mask_tree)
+    return cast_like(eqx.filter(full, mask_tree), params)
