@@ -56,13 +56,6 @@ from ._layers import describe, Elementwise, Linear, ParamLayer
 from ._samples import cast_like, sum_over_samples, trained_mask
 
 
-def _weighted_sum_of_squares(weights: Array, columns: Array) -> Array:
-    """`sum_k weights[k] * columns[k]**2`, as one elementwise reduction (a contraction
-    with `weights` would make XLA transpose the columns for a matrix-vector product)."""
-    weights = weights.reshape(-1, *([1] * (columns.ndim - 1)))
-    return jnp.sum(weights * columns**2, axis=0)
-
-
 @dataclasses.dataclass
 class _State:
     """The Hessian of one sample's loss w.r.t. one intermediate (sites above it)."""
@@ -77,9 +70,10 @@ class _State:
     def diagonal(self) -> Array:
         total = 0.0
         for cols, w in self.cols:
-            total = total + _weighted_sum_of_squares(w, cols)
+            total = total + jnp.tensordot(w, cols**2, axes=1)
         for rows, scale, w in self.lazy:
-            total = total + scale**2 * _weighted_sum_of_squares(w, rows)
+            # `rows` is shared by all samples: one matrix product over the batch
+            total = total + scale**2 * jnp.tensordot(w, rows**2, axes=1)
         if self.rdiag is not None:
             total = total + self.rdiag
         return total
