@@ -2,7 +2,7 @@
 
 import importlib.metadata
 
-from . import losses as losses
+from . import analysis as analysis, losses as losses
 from ._curvature import (
     empirical_fisher_diagonal as empirical_fisher_diagonal,
     fisher_diagonal as fisher_diagonal,

@@ -20,3 +20,28 @@ def test_quickstart(capsys):
     for name in ("MLP", "RNN (Elman)", "RNN (GRU)", "RNN (LSTM)", "CNN"):
         assert name in out
     assert ".cell.weight_hh" in out and ".convs[1].weight" in out
+
+
+def test_rnn_curvature(capsys, tmp_path):
+    """The main job in quick mode: it writes the JSON and the figure, its printed table
+    is the saved summary's, and the gates differ in curvature (by far more than the
+    spread within noise)."""
+    import json
+
+    import curvzoo as cz
+
+    result = _load("rnn_curvature").main(quick=True, out=str(tmp_path))
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "rnn_curvature.json").read_text())
+    assert (tmp_path / "rnn_curvature.png").stat().st_size > 10_000
+    assert len(saved["checkpoints"]) == len(result["checkpoints"]) == 4
+    final = saved["checkpoints"][-1]
+    assert cz.analysis.format_summary(final["hessian"]) in out
+    assert "checkpoint 4/4" in out and "Median |diag GGN| per group" in out
+    gates = [
+        stats["median_abs"]
+        for name, stats in final["hessian"]["groups"].items()
+        if name.startswith("recurrent.")
+    ]
+    assert max(gates) > 10 * min(gates)
+    assert final["eval_loss"] < saved["checkpoints"][0]["eval_loss"]

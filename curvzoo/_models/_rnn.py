@@ -65,6 +65,13 @@ _CELLS = {"elman": ElmanCell, "gru": eqx.nn.GRUCell, "lstm": eqx.nn.LSTMCell}
 _READOUTS = ("last", "all")
 
 
+_GATE_NAMES = {
+    "elman": (None,),
+    "gru": ("reset", "update", "new"),
+    "lstm": ("input", "forget", "cell", "output"),
+}
+
+
 class RNN(AbstractModel):
     """A recurrent network on one sequence: a cell run from a zero state with
     `jax.lax.scan`, and a dense readout (`equinox.nn.Linear`) of the last state or of
@@ -160,6 +167,42 @@ class RNN(AbstractModel):
         if self.readout == "all":
             return jax.vmap(self.head)(hs)
         return self.head(state[0] if is_lstm else state)
+
+    def parameter_groups(self, tree: "RNN") -> dict[str, Array]:
+        """Named groups of the entries of a PyTree shaped like this model (a diagonal,
+        say), for [`curvzoo.analysis.summarize`][].
+
+        The cell's stacked matrices are split by gate: `input.<gate>` (rows of
+        `weight_ih`), `recurrent.<gate>` (rows of `weight_hh`) and `bias.<gate>`, with
+        gates `reset`, `update`, `new` for the GRU (its `bias_n` joins `bias.new`) and
+        `input`, `forget`, `cell`, `output` for the LSTM; the Elman cell has one gate,
+        so its groups are `input`, `recurrent` and `bias`. The readout gives
+        `readout.weight` and `readout.bias`. Frozen leaves (`None`) are left out.
+
+        **Returns:** a dict from group name to a 1-D array of that group's entries.
+        """
+        kind = self._recurrent_chain().kind
+        gates = _GATE_NAMES[kind]
+        cell = tree.cell
+        groups: dict[str, list] = {}
+
+        def add(prefix, leaf):
+            if leaf is None:
+                return
+            for gate, block in zip(gates, jnp.split(leaf, len(gates))):
+                name = prefix if gate is None else f"{prefix}.{gate}"
+                groups.setdefault(name, []).append(block.reshape(-1))
+
+        add("input", cell.weight_ih)
+        add("recurrent", cell.weight_hh)
+        add("bias", cell.bias)
+        if kind == "gru" and cell.bias_n is not None:
+            groups.setdefault("bias.new", []).append(cell.bias_n.reshape(-1))
+        for name in ("weight", "bias"):
+            leaf = getattr(tree.head, name)
+            if leaf is not None:
+                groups[f"readout.{name}"] = [leaf.reshape(-1)]
+        return {name: jnp.concatenate(parts) for name, parts in groups.items()}
 
     def _recurrent_chain(self) -> RecurrentChain:
         """The recurrent structure, for the structured kernel."""
