@@ -1,6 +1,6 @@
 """curvzoo: Hessian diagonals and their curvature relatives for Equinox models."""
 
-import importlib.metadata
+from importlib import metadata as _metadata
 
 from . import analysis as analysis, losses as losses
 from ._curvature import (
@@ -20,6 +20,6 @@ from ._models import (
 
 
 try:
-    __version__ = importlib.metadata.version("curvzoo")
-except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+    __version__ = _metadata.version("curvzoo")
+except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
     __version__ = "0.0.0"

@@ -333,5 +333,12 @@ class BCEWithLogits(AbstractElementwiseLoss):
 
 
 cross_entropy = CrossEntropy()
+"""`CrossEntropy(reduction="mean")`: the mean over samples (and steps) of softmax
+cross-entropy on logits with integer labels."""
+
 mse = MSE()
+"""`MSE(reduction="mean")`: the mean over all elements of `(prediction - target)**2`."""
+
 binary_cross_entropy_with_logits = BCEWithLogits()
+"""`BCEWithLogits(reduction="mean")`: the mean over all elements of binary
+cross-entropy on logits."""

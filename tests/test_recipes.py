@@ -45,3 +45,31 @@ def test_rnn_curvature(capsys, tmp_path):
     ]
     assert max(gates) > 10 * min(gates)
     assert final["eval_loss"] < saved["checkpoints"][0]["eval_loss"]
+
+
+def test_obd_pruning(capsys, tmp_path):
+    result = _load("obd_pruning").main(quick=True, out=str(tmp_path))
+    out = capsys.readouterr().out
+    assert (tmp_path / "obd_pruning.png").exists() and (tmp_path / "obd_pruning.json").exists()
+    accuracy = result["accuracy"]
+    # No pruning, same model: every criterion starts from the same accuracy.
+    assert len({values[0] for values in accuracy.values()}) == 1
+    assert accuracy["magnitude"][0] > 0.8
+    assert "held-out accuracy after pruning" in out
+
+
+def test_diagonal_newton(capsys, tmp_path):
+    result = _load("diagonal_newton").main(quick=True, out=str(tmp_path))
+    assert (tmp_path / "diagonal_newton.png").exists()
+    for kind, losses in result["losses"].items():
+        assert losses[-1] < 0.5 * losses[0], kind
+    assert "AdaHessian (1 probe)" in capsys.readouterr().out
+
+
+def test_laplace(capsys, tmp_path):
+    result = _load("laplace").main(quick=True, out=str(tmp_path))
+    assert (tmp_path / "laplace.png").exists()
+    std = {row["region"]: row["std"] for row in result["points"]}
+    # Uncertainty grows away from the data, in the gap between its two intervals.
+    assert std["gap"] > std["data"]
+    assert "prior precision" in capsys.readouterr().out
