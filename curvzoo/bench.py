@@ -31,6 +31,10 @@ Rows (float32, cross-entropy, tanh):
   and least squares (MSE) on targets from a second, random network of the same kind
   plus noise of standard deviation 0.1, after 50 Adam steps (learning rate 1e-3).
   Target (least squares): the control variate cuts the error to a third or less.
+- `mem-default`, `mem-16mib`: peak resident memory of the generic kernel on an MLP
+  128-256-256-10 (P = 101386), batch 32, at the default memory budget (128 MiB) and at
+  16 MiB, each in its own process. Target: under 1 GiB at the default budget; memory
+  follows the budget, not `P` (a `jnp.eye(P)` basis would need 41 GB in float32).
 """
 
 import argparse
@@ -44,9 +48,11 @@ import time
 
 ROWS = (
     "mlp2", "mlp4", "cnn", "small", "gru", "lstm", "elman", "scaling",
-    "ggn", "hutch-mlp2", "hutch-gru",
+    "ggn", "hutch-mlp2", "hutch-gru", "mem-default", "mem-16mib",
 )  # fmt: skip
 FAMILY = ("ggn", "hutch-mlp2", "hutch-gru")
+MEMORY = {"mem-default": None, "mem-16mib": 16 * 2**20}
+MEMORY_TARGET = 2**30
 GGN_TARGET = 2.0
 HUTCHINSON_PROBES = 16
 HUTCHINSON_KEYS = 5
@@ -260,6 +266,59 @@ def _hutchinson_row(row: str, repeats: int, seed: int) -> dict:
     return result
 
 
+def _memory_row(row: str, seed: int) -> dict:
+    """Peak RSS of the generic kernel at one budget, with its chunk and time."""
+    import time as _time
+
+    import equinox as eqx
+    import jax
+    import jax.random as jr
+    from jax.flatten_util import ravel_pytree
+
+    import curvzoo as cz
+    from curvzoo._curvature._checks import split_trainable
+    from curvzoo._curvature._memory import bytes_per_lane, DEFAULT_MEMORY_BUDGET
+
+    key_model, key_x, key_y = jr.split(jr.key(seed), 3)
+    model = cz.MLP(128, 10, 256, 2, activation=jax.nn.tanh, key=key_model)
+    batch = (jr.normal(key_x, (32, 128)), jr.randint(key_y, (32,), 0, 10))
+    loss = cz.losses.cross_entropy
+    budget = MEMORY[row]
+    params, static = split_trainable(model, eqx.is_inexact_array)
+    num_params = _num_params(model)
+    flat, unravel = ravel_pytree(params)
+
+    def hvp_lane(v):
+        def f(u):
+            return loss(eqx.combine(unravel(u), static), batch)
+
+        return jax.jvp(jax.grad(f), (flat,), (v,))[1]
+
+    lane = bytes_per_lane(hvp_lane, flat)
+    effective = DEFAULT_MEMORY_BUDGET if budget is None else budget
+    rss_before = _peak_rss_bytes()
+    start = _time.perf_counter()
+    jax.block_until_ready(
+        model.hessian_diagonal(loss, batch, method="generic", memory_budget=budget)
+    )
+    seconds = _time.perf_counter() - start
+    peak = _peak_rss_bytes()
+    return {
+        "row": row,
+        "params": num_params,
+        "budget_bytes": effective,
+        "lane_bytes_estimate": lane,
+        "chunk": max(1, min(num_params, effective // max(lane, 1))),
+        "seconds_with_compilation": seconds,
+        "rss_before_bytes": rss_before,
+        "peak_rss_bytes": peak,
+        "eye_bytes": num_params**2 * 4,
+        "target": "peak RSS < 1 GiB" if budget is None else "(reported)",
+        "target_met": bool(peak < MEMORY_TARGET) if budget is None else None,
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
 def _num_params(model) -> int:
     import equinox as eqx
     import jax
@@ -280,6 +339,8 @@ def _worker(row: str, repeats: int, seed: int) -> dict:
         return _ggn_row(repeats, seed)
     if row.startswith("hutch-"):
         return _hutchinson_row(row, repeats, seed)
+    if row in MEMORY:
+        return _memory_row(row, seed)
     model, batch = _build(row, seed)
     loss = cz.losses.cross_entropy
     num_params = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
@@ -322,7 +383,7 @@ def _format_table(results: list[dict]) -> str:
         f"{'row':<6} {'P':>8} {'grad ms':>9} {'struct ms':>10} {'struct/grad':>12} "
         f"{'generic ms':>11} {'gen/struct':>11} {'peak RSS MiB':>13}  target"
     )
-    main = [r for r in results if r["row"] != "scaling" and r["row"] not in FAMILY]
+    main = [r for r in results if r["row"] != "scaling" and r["row"] not in FAMILY + tuple(MEMORY)]
     lines = [header, "-" * len(header)] if main else []
     for r in main:
         generic = f"{r['generic_s'] * 1e3:11.1f}" if "generic_s" in r else f"{'-':>11}"
@@ -339,7 +400,28 @@ def _format_table(results: list[dict]) -> str:
     family = [r for r in results if r["row"] in FAMILY]
     if family:
         lines += ["", _format_family(family)]
+    memory = [r for r in results if r["row"] in MEMORY]
+    if memory:
+        lines += ["", _format_memory(memory)]
     return "\n".join(lines).strip("\n")
+
+
+def _format_memory(results: list[dict]) -> str:
+    first = results[0]
+    lines = [
+        f"generic kernel, MLP 128-256-256-10 (P = {first['params']}), batch 32; "
+        f"a jnp.eye(P) basis alone: {first['eye_bytes'] / 2**30:.1f} GiB",
+        f"{'row':<12} {'budget MiB':>10} {'chunk':>7} {'s (with compile)':>17} "
+        f"{'RSS before MiB':>15} {'peak RSS MiB':>13}  target",
+    ]
+    lines.append("-" * len(lines[-1]))
+    for r in results:
+        lines.append(
+            f"{r['row']:<12} {r['budget_bytes'] / 2**20:>10.0f} {r['chunk']:>7} "
+            f"{r['seconds_with_compilation']:>17.1f} {r['rss_before_bytes'] / 2**20:>15.0f} "
+            f"{r['peak_rss_bytes'] / 2**20:>13.0f}  {r['target']}: {_verdict(r)}"
+        )
+    return "\n".join(lines)
 
 
 def _verdict(result: dict) -> str:

@@ -1,5 +1,6 @@
 """Shared helpers: reference computations, tiny zoo models and matching batches."""
 
+import contextlib
 import itertools
 
 import curvzoo as cz
@@ -179,3 +180,20 @@ def spy_kernels(monkeypatch) -> list:
 
         monkeypatch.setattr(_api, name, spy)
     return calls
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Count XLA compilations inside the block: `with count_compilations() as n:`, then
+    `n[0]`."""
+    count = [0]
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -279,3 +279,51 @@ def test_family_rejects_losses_it_cannot_read(setup):
     targets = jnp.zeros((6, 4))
     with pytest.raises(TypeError, match=r"needs a method `sample_targets"):
         cz.fisher_diagonal(model, NoSampler(), (x, targets), key=jr.key(0))
+
+
+# ## Non-finite models, batches and results
+
+
+_FUNCTIONS = {
+    "hessian": lambda m, l, b, **kw: cz.hessian_diagonal(m, l, b, **kw),
+    "ggn": lambda m, l, b, **kw: cz.ggn_diagonal(m, l, b, **kw),
+    "empirical_fisher": lambda m, l, b, **kw: cz.empirical_fisher_diagonal(m, l, b, **kw),
+    "fisher": lambda m, l, b, **kw: cz.fisher_diagonal(m, l, b, key=jr.key(0), **kw),
+    "hutchinson": lambda m, l, b, **kw: cz.hutchinson_diagonal(
+        m, l, b, key=jr.key(0), num_probes=2, **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("function", list(_FUNCTIONS))
+def test_non_finite_parameters_and_inputs_are_named(setup, function):
+    model, x, y = setup
+    call = _FUNCTIONS[function]
+    loss = cz.losses.cross_entropy
+    broken = eqx.tree_at(
+        lambda m: m.layers[1].weight, model, replace_fn=lambda w: w.at[0, 2].set(jnp.nan)
+    )
+    with pytest.raises(ValueError, match=r"`model\.layers\[1\]\.weight` holds 1 non-finite"):
+        call(broken, loss, (x, y))
+    with pytest.raises(ValueError, match=r"`batch\[0\]` holds 2 non-finite"):
+        call(model, loss, (x.at[1, :2].set(jnp.inf), y))
+
+
+def test_non_finite_targets_and_results(setup, getkey):
+    model, x, _ = setup
+    targets = jr.normal(getkey(), (6, 4))
+    with pytest.raises(ValueError, match=r"`batch\[1\]` holds 1 non-finite"):
+        cz.ggn_diagonal(model, cz.losses.mse, (x, targets.at[3, 0].set(jnp.nan)))
+
+    def overflowing(model, batch):
+        return jnp.sum(jnp.exp(800.0 * jax.vmap(model)(batch[0])))
+
+    with pytest.raises(ValueError, match=r"the curvature came out non-finite: `diagonal"):
+        cz.hessian_diagonal(model, overflowing, (x,))
+    # Opting out gives the raw numbers; under `jax.jit` nothing can be checked.
+    raw = cz.hessian_diagonal(model, overflowing, (x,), check_finite=False)
+    assert not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(raw))
+    jitted = eqx.filter_jit(lambda m, b: cz.hessian_diagonal(m, overflowing, b))
+    jitted(model, (x,))
+    with pytest.raises(TypeError, match="`check_finite` must be True or False"):
+        cz.hessian_diagonal(model, overflowing, (x,), check_finite="no")

@@ -1,7 +1,5 @@
 """The generic exact kernel against `jnp.diag(jax.hessian(...))`, in float64."""
 
-import contextlib
-
 import curvzoo as cz
 import equinox as eqx
 import jax
@@ -13,6 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 from .helpers import (
     assert_diagonal_close,
+    count_compilations,
     LOSS_CLASSES,
     make_batch,
     MODELS,
@@ -164,21 +163,6 @@ def test_model_is_not_modified(method, getkey):
     assert tree_allclose(model, before, rtol=0)
 
 
-@contextlib.contextmanager
-def _count_compilations():
-    count = [0]
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield count
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 @pytest.mark.parametrize("method", ["generic", "structured"])
 def test_no_recompilation(method, getkey):
     model = cz.MLP(3, 2, 4, 1, key=getkey())
@@ -186,7 +170,7 @@ def test_no_recompilation(method, getkey):
     other_model = cz.MLP(3, 2, 4, 1, key=getkey())
     other_batch = make_batch(model, "ce", getkey())
     model.hessian_diagonal(cz.losses.cross_entropy, batch, method=method)
-    with _count_compilations() as count:
+    with count_compilations() as count:
         first = other_model.hessian_diagonal(cz.losses.cross_entropy, other_batch, method=method)
         jax.block_until_ready(first)
         # A fresh but equal loss object hashes the same, so it hits the cache too.

@@ -13,6 +13,7 @@ from .._losses import AbstractElementwiseLoss, AbstractLoss, AbstractStepwiseLos
 from ._checks import (
     cached,
     check_batch,
+    check_finite as check_finite_trees,
     check_key,
     check_loss,
     check_loss_output,
@@ -132,7 +133,7 @@ def _check_method(method: Any) -> None:
         raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
 
 
-def _setup(model, loss, batch, filter_spec, chunk_size, memory_budget):
+def _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite):
     """The checks every function shares, in the order a user would fix them.
 
     **Returns:** `(params, static, prediction_shape, chunk_size, memory_budget)`, with
@@ -144,12 +145,23 @@ def _setup(model, loss, batch, filter_spec, chunk_size, memory_budget):
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     check_positive_int(memory_budget, "memory_budget", allow_none=True)
     check_batch(batch)
+    _check_bool(check_finite, "check_finite")
     params, static = split_trainable(model, filter_spec)
     prediction_shape = check_loss_output(loss, model, batch)
+    if check_finite:
+        check_finite_trees({"model": model, "batch": batch})
     if memory_budget is None:
         memory_budget = DEFAULT_MEMORY_BUDGET
     chunk_size = None if chunk_size is None else int(chunk_size)
     return params, static, prediction_shape, chunk_size, int(memory_budget)
+
+
+def _finite_result(result: PyTree, check_finite: bool) -> PyTree:
+    """`result`, after checking (with `check_finite`, outside `jax.jit`) that the
+    curvature did not overflow."""
+    if check_finite:
+        check_finite_trees({"diagonal": result}, result=True)
+    return result
 
 
 def _scale(loss: AbstractLoss, prediction_shape: tuple, per_sample: bool) -> float:
@@ -268,6 +280,7 @@ def hessian_diagonal(
     memory_budget: int | None = None,
     method: str = "auto",
     per_sample: bool = False,
+    check_finite: bool = True,
 ) -> PyTree:
     """The exact diagonal of the Hessian of `loss(model, batch)` with respect to the
     trainable parameters of `model`.
@@ -300,6 +313,10 @@ def hessian_diagonal(
         Hessian diagonal of `loss(model, batch_n)`, with `batch_n` the batch of that
         sample alone. For a curvzoo loss the batch's diagonal is then the mean of the
         per-sample ones (`reduction="mean"`) or their sum (`"sum"`).
+    - `check_finite`: if `True` (default), raise a `ValueError` naming the leaf when
+        `model` or `batch` holds NaN or inf, or when the result does (the loss or its
+        derivatives overflow). It costs one reduction over the arrays and is skipped
+        under `jax.jit`, where the values are not known.
 
     **Returns:**
 
@@ -332,16 +349,18 @@ def hessian_diagonal(
     """
     _check_method(method)
     _check_bool(per_sample, "per_sample")
-    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget)
+    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
     params, static, prediction_shape, chunk_size, memory_budget = setup
     kernel = _hessian_kernel(model, loss, batch, params, method)
     if kernel is None:
         generic = generic_per_sample_hessian_diagonal if per_sample else generic_hessian_diagonal
-        return generic(params, static, loss, batch, chunk_size, memory_budget)
-    scale = _scale(loss, prediction_shape, per_sample)
-    return kernel(
-        params, static, loss, batch, scale, chunk_size, memory_budget, keep_samples=per_sample
-    )
+        result = generic(params, static, loss, batch, chunk_size, memory_budget)
+    else:
+        scale = _scale(loss, prediction_shape, per_sample)
+        result = kernel(
+            params, static, loss, batch, scale, chunk_size, memory_budget, keep_samples=per_sample
+        )
+    return _finite_result(result, check_finite)
 
 
 @no_type_check
@@ -355,6 +374,7 @@ def ggn_diagonal(
     memory_budget: int | None = None,
     method: str = "auto",
     per_sample: bool = False,
+    check_finite: bool = True,
 ) -> PyTree:
     """The exact diagonal of the generalised Gauss-Newton matrix
     `G = scale * sum_n J_n^T H_n J_n`, where `J_n` is the Jacobian of sample `n`'s
@@ -375,8 +395,8 @@ def ggn_diagonal(
         GGN needs its split into a prediction and a per-sample loss, which a plain
         callable does not expose.
     - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`.
-    - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`: as for
-        [`curvzoo.hessian_diagonal`][].
+    - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
+        `check_finite`: as for [`curvzoo.hessian_diagonal`][].
     - `method`: `"auto"` (default) or `"structured"` take the layered structured kernel
         for a zoo `MLP` or `CNN` (`"structured"` raises where it does not apply);
         `"generic"` uses vector-Jacobian products, for any model. Both are exact.
@@ -406,9 +426,10 @@ def ggn_diagonal(
     """
     _check_method(method)
     _check_bool(per_sample, "per_sample")
-    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget)
+    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
     _require_per_sample_form(loss, "`ggn_diagonal`", factor=True)
-    return _squared_columns(setup, model, loss, batch, method, "ggn", per_sample)
+    result = _squared_columns(setup, model, loss, batch, method, "ggn", per_sample)
+    return _finite_result(result, check_finite)
 
 
 @no_type_check
@@ -422,6 +443,7 @@ def empirical_fisher_diagonal(
     memory_budget: int | None = None,
     method: str = "auto",
     per_sample: bool = False,
+    check_finite: bool = True,
 ) -> PyTree:
     """The diagonal of the empirical Fisher, `scale * sum_n g_n^2`, with `g_n` the
     gradient of sample `n`'s per-sample loss at its own target.
@@ -440,8 +462,8 @@ def empirical_fisher_diagonal(
         modified.
     - `loss`: a curvzoo loss (`curvzoo.losses.*` or an `AbstractLoss` subclass).
     - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`.
-    - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`: as for
-        [`curvzoo.hessian_diagonal`][].
+    - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
+        `check_finite`: as for [`curvzoo.hessian_diagonal`][].
     - `method`: as for [`curvzoo.ggn_diagonal`][].
     - `per_sample`: if `True`, the squared gradients one sample at a time: sample `n`'s
         entry is the empirical Fisher of the batch of that sample alone,
@@ -461,11 +483,12 @@ def empirical_fisher_diagonal(
     """
     _check_method(method)
     _check_bool(per_sample, "per_sample")
-    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget)
+    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
     _require_per_sample_form(loss, "`empirical_fisher_diagonal`", factor=False)
     inputs, targets = split_batch(batch)
     one_draw = (inputs, jnp.asarray(targets)[:, None])
-    return _squared_columns(setup, model, loss, one_draw, method, "gradients", per_sample)
+    result = _squared_columns(setup, model, loss, one_draw, method, "gradients", per_sample)
+    return _finite_result(result, check_finite)
 
 
 @no_type_check
@@ -480,6 +503,7 @@ def fisher_diagonal(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     method: str = "auto",
+    check_finite: bool = True,
 ) -> PyTree:
     """A Monte-Carlo estimate of the Fisher information's diagonal: for every sample,
     `num_samples` targets are drawn from the model's predictive distribution, and the
@@ -503,8 +527,8 @@ def fisher_diagonal(
     - `key`: a JAX PRNG key (keyword-only, required). The same key gives the same
         result.
     - `num_samples`: targets drawn per sample (default 1).
-    - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`: as for
-        [`curvzoo.hessian_diagonal`][].
+    - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
+        `check_finite`: as for [`curvzoo.hessian_diagonal`][].
     - `method`: as for [`curvzoo.ggn_diagonal`][].
 
     **Returns:**
@@ -518,7 +542,7 @@ def fisher_diagonal(
     check_key(key)
     check_positive_int(num_samples, "num_samples")
     _check_method(method)
-    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget)
+    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
     _require_per_sample_form(loss, "`fisher_diagonal`", factor=False, sampler=True)
     inputs, targets = split_batch(batch)
     drawn = _sampled_targets(loss, model, inputs, key, int(num_samples))
@@ -528,7 +552,8 @@ def fisher_diagonal(
             f"`loss.sample_targets` must return one sample's targets, of shape {expected}; "
             f"it returned shape {drawn.shape[2:]}."
         )
-    return _squared_columns(setup, model, loss, (inputs, drawn), method, "gradients", False)
+    result = _squared_columns(setup, model, loss, (inputs, drawn), method, "gradients", False)
+    return _finite_result(result, check_finite)
 
 
 @no_type_check
@@ -544,6 +569,7 @@ def hutchinson_diagonal(
     filter_spec: PyTree | Callable = eqx.is_inexact_array,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    check_finite: bool = True,
 ) -> PyTree | tuple[PyTree, PyTree]:
     """Hutchinson's unbiased estimate of the Hessian diagonal, `mean(z * (H z))` over
     Rademacher probes `z` (Bekas, Kokiopoulou and Saad 2007; as in AdaHessian, Yao et
@@ -571,7 +597,8 @@ def hutchinson_diagonal(
     - `control_variate`: `None` (default) or `"ggn"`.
     - `return_stderr`: if `True`, also return the standard error of each entry, the
         sample standard deviation over probes divided by `sqrt(num_probes)`.
-    - `filter_spec`, `memory_budget`: as for [`curvzoo.hessian_diagonal`][].
+    - `filter_spec`, `memory_budget`, `check_finite`: as for
+        [`curvzoo.hessian_diagonal`][].
     - `chunk_size`: probes evaluated together with `jax.vmap`; `None` (default) picks
         the largest chunk that fits `memory_budget`.
 
@@ -604,7 +631,7 @@ def hutchinson_diagonal(
         raise ValueError(
             f"`return_stderr=True` needs `num_probes` >= 2 to estimate a spread, got {num_probes}."
         )
-    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget)
+    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
     params, static, prediction_shape, chunk_size, memory_budget = setup
     subtract = control_variate == "ggn"
     if subtract:
@@ -627,4 +654,5 @@ def hutchinson_diagonal(
         ggn_setup = (params, static, prediction_shape, None, memory_budget)
         exact = _squared_columns(ggn_setup, model, loss, batch, "auto", "ggn", False)
         estimate = jax.tree.map(jnp.add, estimate, exact)
+    _finite_result((estimate, stderr), check_finite)
     return (estimate, stderr) if return_stderr else estimate

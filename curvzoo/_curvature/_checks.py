@@ -207,3 +207,47 @@ def check_key(key: Any) -> None:
         "`key` must be one JAX PRNG key, such as `jax.random.key(0)` or "
         f"`jax.random.PRNGKey(0)`; got {got}."
     )
+
+
+@jax.jit
+def _finite_flags(leaves: list) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+
+
+def check_finite(trees: dict[str, PyTree], *, result: bool = False) -> None:
+    """Raise a `ValueError` naming the first leaf, by its path, that holds NaN or inf.
+
+    `trees` maps a name (`"model"`, `"batch"`, `"result"`) to a PyTree. Only concrete
+    floating-point arrays are checked, in one compiled reduction: under `jax.jit` the
+    leaves are tracers and the check is skipped. With `result=True` the message says
+    that the inputs were finite and the curvature itself overflowed.
+    """
+    named = []
+    for name, tree in trees.items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if (
+                isinstance(leaf, (jax.Array, np.ndarray))
+                and not isinstance(leaf, jax.core.Tracer)
+                and jnp.issubdtype(leaf.dtype, jnp.inexact)
+                and leaf.size
+            ):
+                named.append((name + jax.tree_util.keystr(path), leaf))
+    if not named:
+        return
+    flags = np.asarray(_finite_flags([leaf for _, leaf in named]))
+    for (name, leaf), finite in zip(named, flags):
+        if finite:
+            continue
+        count = int(np.sum(~np.isfinite(np.asarray(leaf))))
+        if result:
+            raise ValueError(
+                f"the curvature came out non-finite: `{name}` holds {count} NaN or inf "
+                "entries although `model` and `batch` are finite, so the loss or its "
+                "derivatives overflow at this point (a log of zero, say). Pass "
+                "`check_finite=False` to get the raw result."
+            )
+        raise ValueError(
+            f"`{name}` holds {count} non-finite value(s) (NaN or inf) out of {leaf.size}; "
+            "the curvature of a non-finite model or batch would be meaningless. Pass "
+            "`check_finite=False` to skip this check."
+        )
