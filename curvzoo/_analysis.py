@@ -34,8 +34,31 @@ def _named_leaves(diagonal: PyTree) -> list[tuple[str, np.ndarray]]:
     return [(jax.tree_util.keystr(path), np.asarray(leaf)) for path, leaf in leaves]
 
 
+def _check_matches(named: list, model: eqx.Module) -> None:
+    """Every leaf of the diagonal must sit where `model` has an array of its shape."""
+    shapes = {name: leaf.shape for name, leaf in _named_leaves(model)}
+    for name, leaf in named:
+        if name not in shapes:
+            raise ValueError(
+                f"`diagonal` has a leaf at `{name}` where `model` has no array; pass the "
+                "diagonal of this model (one PyTree shaped like it)."
+            )
+        if leaf.shape != shapes[name]:
+            hint = (
+                "; for per-sample diagonals summarise one sample at a time, "
+                "`jax.tree.map(lambda d: d[n], diagonal)`"
+                if leaf.shape[1:] == shapes[name]
+                else ""
+            )
+            raise ValueError(
+                f"`diagonal{name}` has shape {leaf.shape} but `model{name}` has shape "
+                f"{shapes[name]}{hint}."
+            )
+
+
 def _with_share(stats: dict, trace: float) -> dict:
-    stats["trace_share"] = stats["sum"] / trace if trace else float("nan")
+    # `None` (JSON null) rather than NaN where the trace is zero.
+    stats["trace_share"] = stats["sum"] / trace if trace else None
     return stats
 
 
@@ -46,11 +69,12 @@ def summarize(diagonal: PyTree, model: eqx.Module | None = None, *, top_k: int =
 
     - `diagonal`: the result of a curvature function, such as
         `model.hessian_diagonal(loss, batch)`; `None` leaves (frozen) are skipped.
-    - `model`: the model it belongs to. A zoo `RNN` splits its stacked gate matrices
-        into named groups (GRU: reset, update, new; LSTM: input, forget, cell, output)
-        and kinds (input, recurrent and bias weights of the cell, and the readout), via
-        its `parameter_groups` method; without a model, or for other models, every leaf
-        is its own group.
+    - `model`: the model it belongs to (each leaf of `diagonal` must have the shape of
+        the model's leaf at the same place, else a `ValueError`). A zoo `RNN` splits
+        its stacked gate matrices into named groups (GRU: reset, update, new; LSTM:
+        input, forget, cell, output) and kinds (input, recurrent and bias weights of the
+        cell, and the readout), via its `parameter_groups` method; without a model, or
+        for other models, every leaf is its own group.
     - `top_k`: how many of the largest entries (by absolute value) to list.
 
     **Returns:** a dict of plain data:
@@ -58,7 +82,8 @@ def summarize(diagonal: PyTree, model: eqx.Module | None = None, *, top_k: int =
     - `"trace"`: the sum of all entries;
     - `"leaves"`: `{path: stats}` per leaf, with `stats` as in
         [`curvzoo.analysis.statistics`][] plus `"shape"` and `"trace_share"` (the leaf's
-        sum over the trace; can be negative or above 1 where entries are negative);
+        sum over the trace; can be negative or above 1 where entries are negative;
+        `None` where the trace is zero);
     - `"groups"`: `{name: stats}` per named group, with `"trace_share"`;
     - `"kinds"`: `{kind: stats}` for the part of each group name before its first dot
         (for an RNN: `input`, `recurrent`, `bias`, `readout`);
@@ -77,6 +102,8 @@ def summarize(diagonal: PyTree, model: eqx.Module | None = None, *, top_k: int =
     named = _named_leaves(diagonal)
     if not named:
         raise ValueError("`diagonal` holds no arrays to summarise.")
+    if model is not None:
+        _check_matches(named, model)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"`top_k` must be an integer >= 0, got {top_k!r}.")
     trace = float(sum(leaf.sum(dtype=np.float64) for _, leaf in named))
@@ -129,7 +156,10 @@ def _table(title: str, rows: dict) -> list[str]:
     header = f"{title:<{width}}" + "".join(f"{label:>{w}}" for label, _, w, _ in _COLUMNS)
     lines = [header, "-" * len(header)]
     for name, stats in rows.items():
-        cells = "".join(f"{stats[key]:>{w}{spec}}" for _, key, w, spec in _COLUMNS)
+        cells = "".join(
+            f"{stats[key]:>{w}{spec}}" if stats[key] is not None else f"{'-':>{w}}"
+            for _, key, w, spec in _COLUMNS
+        )
         lines.append(f"{name:<{width}}{cells}")
     return lines
 

@@ -15,7 +15,7 @@ The problem is a small regression, generated here: a zoo MLP (1-32-32-1, tanh) f
 `sin(3x)` plus noise. The recipe prints the training loss of Adam and of both diagonal
 variants at a few steps, and plots the curves to `--out/diagonal_newton.png`.
 
-Run `python recipes/diagonal_newton.py` (about 30 seconds), or `--quick` for CI.
+Run `python recipes/diagonal_newton.py` (about 10 seconds on 2 CPU cores), or `--quick` for CI.
 """
 
 import argparse

@@ -14,7 +14,7 @@ criteria:
 The recipe prints held-out accuracy at sparsities from 0 to 95% for each criterion and
 plots it to `--out/obd_pruning.png` (numbers in `obd_pruning.json`).
 
-Run `python recipes/obd_pruning.py` (about 20 seconds), or `--quick` for CI.
+Run `python recipes/obd_pruning.py` (about 10 seconds on 2 CPU cores), or `--quick` for CI.
 """
 
 import argparse

@@ -17,7 +17,7 @@ of every group over training, and writes into `--out`:
   it, and each kind's share of the trace.
 
 Run `python recipes/rnn_curvature.py` (64 units, 25 steps per sequence, 2000 Adam
-steps, 8 checkpoints: about 1-2 minutes on 2 CPU cores), or with `--quick` for a smaller
+steps, 8 checkpoints: 35-50 seconds on 2 CPU cores), or with `--quick` for a smaller
 model and fewer steps (about 10 seconds; CI runs it).
 """
 
@@ -126,6 +126,7 @@ def group_table(records: list[dict], which: str) -> str:
 
 
 _STYLES = {"input": "--", "recurrent": "-", "bias": ":", "readout": "-."}
+_READOUT_COLOURS = {"readout.weight": "black", "readout.bias": "grey"}
 
 
 def plot(records: list[dict], path: pathlib.Path, cell: str) -> None:
@@ -148,7 +149,7 @@ def plot(records: list[dict], path: pathlib.Path, cell: str) -> None:
     ):
         for group in groups:
             kind, _, gate = group.partition(".")
-            colour = "black" if kind == "readout" else colours[gate]
+            colour = _READOUT_COLOURS[group] if kind == "readout" else colours[gate]
             values = [r[which]["groups"][group]["median_abs"] for r in records]
             ax.plot(steps, values, _STYLES[kind], color=colour, marker="o", ms=3, label=group)
         ax.set_yscale("log")
@@ -180,6 +181,10 @@ def main(
 ) -> dict:
     hidden, steps, default_steps, checkpoints = (16, 10, 300, 4) if quick else (64, 25, 2000, 8)
     num_steps = default_steps if num_steps is None else num_steps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"`num_steps` (`--steps`) must be an integer >= 1, got {num_steps!r}.")
+    if cell not in ("elman", "gru", "lstm"):
+        raise ValueError(f"`cell` must be 'elman', 'gru' or 'lstm', got {cell!r}.")
     print(
         f"{cell.upper()} with {hidden} units on the adding problem (T = {steps}), "
         f"{num_steps} Adam steps, {checkpoints} checkpoints",

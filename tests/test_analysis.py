@@ -101,3 +101,19 @@ def test_bad_input():
         cz.analysis.summarize({"a": None})
     with pytest.raises(ValueError, match="`top_k` must be an integer >= 0"):
         cz.analysis.summarize({"a": jnp.ones(2)}, top_k=-1)
+
+
+def test_diagonals_that_do_not_fit_the_model_are_refused(getkey):
+    model = cz.RNN(2, 3, 4, cell="gru", key=getkey())
+    coded = _row_coded(model)
+    stacked = jax.tree.map(lambda leaf: jnp.stack([leaf, leaf]), coded)
+    with pytest.raises(
+        ValueError, match=r"`diagonal\.cell\.weight_ih` has shape \(2, 9, 2\).*one sample at a time"
+    ):
+        cz.analysis.summarize(stacked, model)
+    with pytest.raises(ValueError, match="`diagonal` has a leaf at"):
+        cz.analysis.summarize({"weight": jnp.ones(3)}, model)
+    zero = jax.tree.map(jnp.zeros_like, coded)
+    summary = cz.analysis.summarize(zero, model)
+    assert summary["trace"] == 0 and summary["groups"]["input.reset"]["trace_share"] is None
+    cz.analysis.format_summary(summary)

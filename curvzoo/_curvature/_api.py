@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, PyTree
 
 from .._losses import AbstractElementwiseLoss, AbstractLoss, AbstractStepwiseLoss, split_batch
@@ -21,6 +22,7 @@ from ._checks import (
     check_positive_int,
     split_trainable,
 )
+from ._devices import place_on_mesh
 from ._generic import generic_hessian_diagonal, generic_per_sample_hessian_diagonal
 from ._hutchinson import hutchinson_kernel
 from ._layers import check_supported, defining_class, Unsupported
@@ -281,6 +283,7 @@ def hessian_diagonal(
     method: str = "auto",
     per_sample: bool = False,
     check_finite: bool = True,
+    mesh: Mesh | None = None,
 ) -> PyTree:
     """The exact diagonal of the Hessian of `loss(model, batch)` with respect to the
     trainable parameters of `model`.
@@ -317,6 +320,13 @@ def hessian_diagonal(
         `model` or `batch` holds NaN or inf, or when the result does (the loss or its
         derivatives overflow). It costs one reduction over the arrays and is skipped
         under `jax.jit`, where the values are not known.
+    - `mesh`: a `jax.sharding.Mesh` to run on several devices: the batch is split
+        along its leading axis over all of the mesh's devices (its size must divide
+        evenly), the model is replicated, and XLA partitions the work, so every
+        device handles its share of the samples in every kernel. Leaves already
+        placed on `mesh` keep their sharding. For several hosts, call
+        `jax.distributed.initialize()` first and pass a mesh over `jax.devices()` and
+        a batch of global arrays (`jax.make_array_from_process_local_data`).
 
     **Returns:**
 
@@ -349,6 +359,7 @@ def hessian_diagonal(
     """
     _check_method(method)
     _check_bool(per_sample, "per_sample")
+    model, batch = place_on_mesh(model, batch, mesh)
     setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
     params, static, prediction_shape, chunk_size, memory_budget = setup
     kernel = _hessian_kernel(model, loss, batch, params, method)
@@ -375,6 +386,7 @@ def ggn_diagonal(
     method: str = "auto",
     per_sample: bool = False,
     check_finite: bool = True,
+    mesh: Mesh | None = None,
 ) -> PyTree:
     """The exact diagonal of the generalised Gauss-Newton matrix
     `G = scale * sum_n J_n^T H_n J_n`, where `J_n` is the Jacobian of sample `n`'s
@@ -396,7 +408,7 @@ def ggn_diagonal(
         callable does not expose.
     - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`.
     - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
-        `check_finite`: as for [`curvzoo.hessian_diagonal`][].
+        `check_finite`, `mesh`: as for [`curvzoo.hessian_diagonal`][].
     - `method`: `"auto"` (default) or `"structured"` take the layered structured kernel
         for a zoo `MLP` or `CNN` (`"structured"` raises where it does not apply);
         `"generic"` uses vector-Jacobian products, for any model. Both are exact.
@@ -426,6 +438,7 @@ def ggn_diagonal(
     """
     _check_method(method)
     _check_bool(per_sample, "per_sample")
+    model, batch = place_on_mesh(model, batch, mesh)
     setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
     _require_per_sample_form(loss, "`ggn_diagonal`", factor=True)
     result = _squared_columns(setup, model, loss, batch, method, "ggn", per_sample)
@@ -444,6 +457,7 @@ def empirical_fisher_diagonal(
     method: str = "auto",
     per_sample: bool = False,
     check_finite: bool = True,
+    mesh: Mesh | None = None,
 ) -> PyTree:
     """The diagonal of the empirical Fisher, `scale * sum_n g_n^2`, with `g_n` the
     gradient of sample `n`'s per-sample loss at its own target.
@@ -463,7 +477,7 @@ def empirical_fisher_diagonal(
     - `loss`: a curvzoo loss (`curvzoo.losses.*` or an `AbstractLoss` subclass).
     - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`.
     - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
-        `check_finite`: as for [`curvzoo.hessian_diagonal`][].
+        `check_finite`, `mesh`: as for [`curvzoo.hessian_diagonal`][].
     - `method`: as for [`curvzoo.ggn_diagonal`][].
     - `per_sample`: if `True`, the squared gradients one sample at a time: sample `n`'s
         entry is the empirical Fisher of the batch of that sample alone,
@@ -483,6 +497,7 @@ def empirical_fisher_diagonal(
     """
     _check_method(method)
     _check_bool(per_sample, "per_sample")
+    model, batch = place_on_mesh(model, batch, mesh)
     setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
     _require_per_sample_form(loss, "`empirical_fisher_diagonal`", factor=False)
     inputs, targets = split_batch(batch)
@@ -504,6 +519,7 @@ def fisher_diagonal(
     memory_budget: int | None = None,
     method: str = "auto",
     check_finite: bool = True,
+    mesh: Mesh | None = None,
 ) -> PyTree:
     """A Monte-Carlo estimate of the Fisher information's diagonal: for every sample,
     `num_samples` targets are drawn from the model's predictive distribution, and the
@@ -528,7 +544,7 @@ def fisher_diagonal(
         result.
     - `num_samples`: targets drawn per sample (default 1).
     - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
-        `check_finite`: as for [`curvzoo.hessian_diagonal`][].
+        `check_finite`, `mesh`: as for [`curvzoo.hessian_diagonal`][].
     - `method`: as for [`curvzoo.ggn_diagonal`][].
 
     **Returns:**
@@ -542,6 +558,7 @@ def fisher_diagonal(
     check_key(key)
     check_positive_int(num_samples, "num_samples")
     _check_method(method)
+    model, batch = place_on_mesh(model, batch, mesh)
     setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
     _require_per_sample_form(loss, "`fisher_diagonal`", factor=False, sampler=True)
     inputs, targets = split_batch(batch)
@@ -570,6 +587,7 @@ def hutchinson_diagonal(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     check_finite: bool = True,
+    mesh: Mesh | None = None,
 ) -> PyTree | tuple[PyTree, PyTree]:
     """Hutchinson's unbiased estimate of the Hessian diagonal, `mean(z * (H z))` over
     Rademacher probes `z` (Bekas, Kokiopoulou and Saad 2007; as in AdaHessian, Yao et
@@ -597,7 +615,7 @@ def hutchinson_diagonal(
     - `control_variate`: `None` (default) or `"ggn"`.
     - `return_stderr`: if `True`, also return the standard error of each entry, the
         sample standard deviation over probes divided by `sqrt(num_probes)`.
-    - `filter_spec`, `memory_budget`, `check_finite`: as for
+    - `filter_spec`, `memory_budget`, `check_finite`, `mesh`: as for
         [`curvzoo.hessian_diagonal`][].
     - `chunk_size`: probes evaluated together with `jax.vmap`; `None` (default) picks
         the largest chunk that fits `memory_budget`.
@@ -631,6 +649,7 @@ def hutchinson_diagonal(
         raise ValueError(
             f"`return_stderr=True` needs `num_probes` >= 2 to estimate a spread, got {num_probes}."
         )
+    model, batch = place_on_mesh(model, batch, mesh)
     setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
     params, static, prediction_shape, chunk_size, memory_budget = setup
     subtract = control_variate == "ggn"

@@ -219,8 +219,9 @@ def check_finite(trees: dict[str, PyTree], *, result: bool = False) -> None:
 
     `trees` maps a name (`"model"`, `"batch"`, `"result"`) to a PyTree. Only concrete
     floating-point arrays are checked, in one compiled reduction: under `jax.jit` the
-    leaves are tracers and the check is skipped. With `result=True` the message says
-    that the inputs were finite and the curvature itself overflowed.
+    leaves that are traced are skipped (arrays closed over are still checked). With
+    `result=True` the message says that the inputs were finite and the curvature itself
+    overflowed.
     """
     named = []
     for name, tree in trees.items():
@@ -234,7 +235,10 @@ def check_finite(trees: dict[str, PyTree], *, result: bool = False) -> None:
                 named.append((name + jax.tree_util.keystr(path), leaf))
     if not named:
         return
-    flags = np.asarray(_finite_flags([leaf for _, leaf in named]))
+    # Concrete leaves can be closed over by an outer `jax.jit`: evaluate the check now,
+    # at trace time, rather than staging it into the caller's computation.
+    with jax.ensure_compile_time_eval():
+        flags = np.asarray(_finite_flags([leaf for _, leaf in named]))
     for (name, leaf), finite in zip(named, flags):
         if finite:
             continue
