@@ -47,11 +47,11 @@ def _split(model, filter_spec=eqx.is_inexact_array):
     return params, eqx.combine(static, rest)
 
 
-def reference_ggn_diagonal(model, loss, batch):
+def reference_ggn_diagonal(model, loss, batch, filter_spec=eqx.is_inexact_array):
     """`diag(J^T H_out J)`, scaled by the loss's reduction, with `J` built densely by
     `jax.jacfwd` and `H_out` by `jax.hessian` of the per-sample loss: independent of
     curvzoo's kernels and of the loss's closed-form factors."""
-    params, static = _split(model)
+    params, static = _split(model, filter_spec)
     flat, unravel = ravel_pytree(params)
     inputs, targets = batch
 

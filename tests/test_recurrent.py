@@ -156,14 +156,14 @@ def test_auto_picks_the_faster_kernel_by_cost(getkey, monkeypatch):
 
 
 def test_no_recompilation(getkey):
-    from .test_hessian_diagonal import _count_compilations
+    from .helpers import count_compilations
 
     model = cz.RNN(2, 3, 2, "lstm", "all", key=getkey())
     batch = _batch(model, "ce", getkey(), 3, 4)
     model.hessian_diagonal(cz.losses.cross_entropy, batch, method="structured")
     other = cz.RNN(2, 3, 2, "lstm", "all", key=getkey())
     other_batch = _batch(model, "ce", getkey(), 3, 4)
-    with _count_compilations() as count:
+    with count_compilations() as count:
         jax.block_until_ready(
             other.hessian_diagonal(cz.losses.cross_entropy, other_batch, method="structured")
         )

@@ -135,7 +135,7 @@ def _check_method(method: Any) -> None:
         raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
 
 
-def _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite):
+def _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress):
     """The checks every function shares, in the order a user would fix them.
 
     **Returns:** `(params, static, prediction_shape, chunk_size, memory_budget)`, with
@@ -148,6 +148,7 @@ def _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_fin
     check_positive_int(memory_budget, "memory_budget", allow_none=True)
     check_batch(batch)
     _check_bool(check_finite, "check_finite")
+    _check_bool(progress, "progress")
     params, static = split_trainable(model, filter_spec)
     prediction_shape = check_loss_output(loss, model, batch)
     if check_finite:
@@ -230,7 +231,7 @@ def _hessian_kernel(model, loss, batch, params, method: str) -> Callable | None:
     return kernel
 
 
-def _squared_columns(setup, model, loss, batch, method, quantity, per_sample):
+def _squared_columns(setup, model, loss, batch, method, quantity, per_sample, progress=False):
     """A diagonal of the form `sum_k w_k (J^T c_k)^2` per sample (GGN, Fisher, empirical
     Fisher): the layered structured kernel where it applies, else one vector-Jacobian
     product per column and sample."""
@@ -253,8 +254,9 @@ def _squared_columns(setup, model, loss, batch, method, quantity, per_sample):
             )
     scale = _scale(loss, prediction_shape, per_sample)
     return kernel(
-        params, static, loss, batch, scale, chunk_size, memory_budget, quantity, per_sample
-    )
+        params, static, loss, batch, scale, chunk_size, memory_budget, quantity, per_sample,
+        progress=progress,
+    )  # fmt: skip
 
 
 @eqx.filter_jit
@@ -284,6 +286,7 @@ def hessian_diagonal(
     per_sample: bool = False,
     check_finite: bool = True,
     mesh: Mesh | None = None,
+    progress: bool = False,
 ) -> PyTree:
     """The exact diagonal of the Hessian of `loss(model, batch)` with respect to the
     trainable parameters of `model`.
@@ -327,6 +330,10 @@ def hessian_diagonal(
         placed on `mesh` keep their sharding. For several hosts, call
         `jax.distributed.initialize()` first and pass a mesh over `jax.devices()` and
         a batch of global arrays (`jax.make_array_from_process_local_data`).
+    - `progress`: if `True`, print a progress line to standard error while the kernel
+        runs (chunks or entries done, rate, time left), from inside the compiled loop
+        with `jax.debug.callback`. Off by default; it changes nothing in the result, and
+        with `False` the compiled code has no callback at all.
 
     **Returns:**
 
@@ -360,17 +367,26 @@ def hessian_diagonal(
     _check_method(method)
     _check_bool(per_sample, "per_sample")
     model, batch = place_on_mesh(model, batch, mesh)
-    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
+    setup = _setup(
+        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
+    )
     params, static, prediction_shape, chunk_size, memory_budget = setup
     kernel = _hessian_kernel(model, loss, batch, params, method)
     if kernel is None:
-        generic = generic_per_sample_hessian_diagonal if per_sample else generic_hessian_diagonal
-        result = generic(params, static, loss, batch, chunk_size, memory_budget)
+        if per_sample:
+            result = generic_per_sample_hessian_diagonal(
+                params, static, loss, batch, chunk_size, memory_budget, progress=progress
+            )
+        else:
+            result = generic_hessian_diagonal(
+                params, static, loss, batch, chunk_size, memory_budget, progress=progress
+            )
     else:
         scale = _scale(loss, prediction_shape, per_sample)
         result = kernel(
-            params, static, loss, batch, scale, chunk_size, memory_budget, keep_samples=per_sample
-        )
+            params, static, loss, batch, scale, chunk_size, memory_budget,
+            keep_samples=per_sample, progress=progress,
+        )  # fmt: skip
     return _finite_result(result, check_finite)
 
 
@@ -387,6 +403,7 @@ def ggn_diagonal(
     per_sample: bool = False,
     check_finite: bool = True,
     mesh: Mesh | None = None,
+    progress: bool = False,
 ) -> PyTree:
     """The exact diagonal of the generalised Gauss-Newton matrix
     `G = scale * sum_n J_n^T H_n J_n`, where `J_n` is the Jacobian of sample `n`'s
@@ -408,7 +425,7 @@ def ggn_diagonal(
         callable does not expose.
     - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`.
     - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
-        `check_finite`, `mesh`: as for [`curvzoo.hessian_diagonal`][].
+        `check_finite`, `mesh`, `progress`: as for [`curvzoo.hessian_diagonal`][].
     - `method`: `"auto"` (default) or `"structured"` take the layered structured kernel
         for a zoo `MLP` or `CNN` (`"structured"` raises where it does not apply);
         `"generic"` uses vector-Jacobian products, for any model. Both are exact.
@@ -439,9 +456,11 @@ def ggn_diagonal(
     _check_method(method)
     _check_bool(per_sample, "per_sample")
     model, batch = place_on_mesh(model, batch, mesh)
-    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
+    setup = _setup(
+        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
+    )
     _require_per_sample_form(loss, "`ggn_diagonal`", factor=True)
-    result = _squared_columns(setup, model, loss, batch, method, "ggn", per_sample)
+    result = _squared_columns(setup, model, loss, batch, method, "ggn", per_sample, progress)
     return _finite_result(result, check_finite)
 
 
@@ -458,6 +477,7 @@ def empirical_fisher_diagonal(
     per_sample: bool = False,
     check_finite: bool = True,
     mesh: Mesh | None = None,
+    progress: bool = False,
 ) -> PyTree:
     """The diagonal of the empirical Fisher, `scale * sum_n g_n^2`, with `g_n` the
     gradient of sample `n`'s per-sample loss at its own target.
@@ -477,7 +497,7 @@ def empirical_fisher_diagonal(
     - `loss`: a curvzoo loss (`curvzoo.losses.*` or an `AbstractLoss` subclass).
     - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`.
     - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
-        `check_finite`, `mesh`: as for [`curvzoo.hessian_diagonal`][].
+        `check_finite`, `mesh`, `progress`: as for [`curvzoo.hessian_diagonal`][].
     - `method`: as for [`curvzoo.ggn_diagonal`][].
     - `per_sample`: if `True`, the squared gradients one sample at a time: sample `n`'s
         entry is the empirical Fisher of the batch of that sample alone,
@@ -498,11 +518,15 @@ def empirical_fisher_diagonal(
     _check_method(method)
     _check_bool(per_sample, "per_sample")
     model, batch = place_on_mesh(model, batch, mesh)
-    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
+    setup = _setup(
+        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
+    )
     _require_per_sample_form(loss, "`empirical_fisher_diagonal`", factor=False)
     inputs, targets = split_batch(batch)
     one_draw = (inputs, jnp.asarray(targets)[:, None])
-    result = _squared_columns(setup, model, loss, one_draw, method, "gradients", per_sample)
+    result = _squared_columns(
+        setup, model, loss, one_draw, method, "gradients", per_sample, progress
+    )
     return _finite_result(result, check_finite)
 
 
@@ -520,6 +544,7 @@ def fisher_diagonal(
     method: str = "auto",
     check_finite: bool = True,
     mesh: Mesh | None = None,
+    progress: bool = False,
 ) -> PyTree:
     """A Monte-Carlo estimate of the Fisher information's diagonal: for every sample,
     `num_samples` targets are drawn from the model's predictive distribution, and the
@@ -544,7 +569,7 @@ def fisher_diagonal(
         result.
     - `num_samples`: targets drawn per sample (default 1).
     - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
-        `check_finite`, `mesh`: as for [`curvzoo.hessian_diagonal`][].
+        `check_finite`, `mesh`, `progress`: as for [`curvzoo.hessian_diagonal`][].
     - `method`: as for [`curvzoo.ggn_diagonal`][].
 
     **Returns:**
@@ -559,7 +584,9 @@ def fisher_diagonal(
     check_positive_int(num_samples, "num_samples")
     _check_method(method)
     model, batch = place_on_mesh(model, batch, mesh)
-    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
+    setup = _setup(
+        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
+    )
     _require_per_sample_form(loss, "`fisher_diagonal`", factor=False, sampler=True)
     inputs, targets = split_batch(batch)
     drawn = _sampled_targets(loss, model, inputs, key, int(num_samples))
@@ -569,7 +596,9 @@ def fisher_diagonal(
             f"`loss.sample_targets` must return one sample's targets, of shape {expected}; "
             f"it returned shape {drawn.shape[2:]}."
         )
-    result = _squared_columns(setup, model, loss, (inputs, drawn), method, "gradients", False)
+    result = _squared_columns(
+        setup, model, loss, (inputs, drawn), method, "gradients", False, progress
+    )
     return _finite_result(result, check_finite)
 
 
@@ -588,6 +617,7 @@ def hutchinson_diagonal(
     memory_budget: int | None = None,
     check_finite: bool = True,
     mesh: Mesh | None = None,
+    progress: bool = False,
 ) -> PyTree | tuple[PyTree, PyTree]:
     """Hutchinson's unbiased estimate of the Hessian diagonal, `mean(z * (H z))` over
     Rademacher probes `z` (Bekas, Kokiopoulou and Saad 2007; as in AdaHessian, Yao et
@@ -615,7 +645,7 @@ def hutchinson_diagonal(
     - `control_variate`: `None` (default) or `"ggn"`.
     - `return_stderr`: if `True`, also return the standard error of each entry, the
         sample standard deviation over probes divided by `sqrt(num_probes)`.
-    - `filter_spec`, `memory_budget`, `check_finite`, `mesh`: as for
+    - `filter_spec`, `memory_budget`, `check_finite`, `mesh`, `progress`: as for
         [`curvzoo.hessian_diagonal`][].
     - `chunk_size`: probes evaluated together with `jax.vmap`; `None` (default) picks
         the largest chunk that fits `memory_budget`.
@@ -650,7 +680,9 @@ def hutchinson_diagonal(
             f"`return_stderr=True` needs `num_probes` >= 2 to estimate a spread, got {num_probes}."
         )
     model, batch = place_on_mesh(model, batch, mesh)
-    setup = _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite)
+    setup = _setup(
+        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
+    )
     params, static, prediction_shape, chunk_size, memory_budget = setup
     subtract = control_variate == "ggn"
     if subtract:
@@ -667,11 +699,12 @@ def hutchinson_diagonal(
         subtract,
         chunk_size,
         memory_budget,
+        progress=progress,
     )
     if subtract:
         # `chunk_size` counts probes here; the exact GGN picks its own chunk of samples.
         ggn_setup = (params, static, prediction_shape, None, memory_budget)
-        exact = _squared_columns(ggn_setup, model, loss, batch, "auto", "ggn", False)
+        exact = _squared_columns(ggn_setup, model, loss, batch, "auto", "ggn", False, progress)
         estimate = jax.tree.map(jnp.add, estimate, exact)
     _finite_result((estimate, stderr), check_finite)
     return (estimate, stderr) if return_stderr else estimate

@@ -9,6 +9,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import PyTree
 
 from ._memory import bytes_per_lane, chunk_from_budget
+from ._progress import report
 
 
 @eqx.filter_jit
@@ -20,6 +21,7 @@ def generic_hessian_diagonal(
     chunk_size: int | None,
     memory_budget: int,
     basis_limit: int | None = None,
+    progress: bool = False,
 ) -> PyTree:
     """Exact `diag(H)` of `loss(combine(params, static), batch)` w.r.t. `params`.
 
@@ -52,12 +54,30 @@ def generic_hessian_diagonal(
         chunk_size = chunk_from_budget(bytes_per_lane(hvp, flat), size, memory_budget)
     chunk_size = min(chunk_size, size)
 
+    count = size if basis_limit is None else min(basis_limit, size)
+    label = "Hessian diagonal (generic): chunks of entries"
+
     def diagonal_entry(index):
         basis = jax.nn.one_hot(index, size, dtype=flat.dtype)
         return hvp(basis)[index]
 
-    count = size if basis_limit is None else min(basis_limit, size)
-    diagonal = jax.lax.map(diagonal_entry, jnp.arange(count), batch_size=min(chunk_size, count))
+    # `jax.lax.map(..., batch_size=chunk)`, written out to report progress per chunk.
+    chunk = min(chunk_size, count)
+    num_full = count // chunk
+    num_chunks = num_full + int(num_full * chunk < count)
+
+    def chunk_entries(_, indexed):
+        index, entries = indexed
+        report(progress, label, index, num_chunks)
+        return None, jax.vmap(diagonal_entry)(entries)
+
+    entries = jnp.arange(num_full * chunk).reshape(num_full, chunk)
+    _, diagonal = jax.lax.scan(chunk_entries, None, (jnp.arange(num_full), entries))
+    diagonal = diagonal.reshape(-1)
+    if num_full * chunk < count:
+        report(progress, label, num_full, num_chunks, after=diagonal)
+        rest = jax.vmap(diagonal_entry)(jnp.arange(num_full * chunk, count))
+        diagonal = jnp.concatenate([diagonal, rest])
     if count < size:
         diagonal = jnp.concatenate([diagonal, jnp.zeros(size - count, diagonal.dtype)])
     return unravel(diagonal)
@@ -71,6 +91,7 @@ def generic_per_sample_hessian_diagonal(
     batch: PyTree,
     chunk_size: int | None,
     memory_budget: int,
+    progress: bool = False,
 ) -> PyTree:
     """The generic kernel on each sample's one-sample batch in turn: `diag` of
     `loss(model, batch_n)` for every `n`, stacked on a new leading axis.
@@ -81,9 +102,12 @@ def generic_per_sample_hessian_diagonal(
     `N x P` result.
     """
     arrays, other = eqx.partition(batch, eqx.is_array)
+    num = jax.tree.leaves(arrays)[0].shape[0]
 
-    def one(sample):
+    def one(indexed):
+        index, sample = indexed
+        report(progress, "Hessian diagonal (generic, per sample): samples", index, num)
         single = eqx.combine(jax.tree.map(lambda leaf: leaf[None], sample), other)
         return generic_hessian_diagonal(params, static, loss, single, chunk_size, memory_budget)
 
-    return jax.lax.map(one, arrays)
+    return jax.lax.map(one, (jnp.arange(num), arrays))

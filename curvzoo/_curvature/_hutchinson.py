@@ -15,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
 from ._memory import bytes_per_lane, chunk_from_budget
+from ._progress import report
 
 
 def _merge(a, b):
@@ -40,6 +41,7 @@ def hutchinson_kernel(
     subtract_ggn: bool,
     chunk_size: int | None,
     memory_budget: int,
+    progress: bool = False,
 ) -> tuple[PyTree, PyTree]:
     """The mean of `z * (A z)` over `num_probes` Rademacher probes and its standard
     error, for `A = H` or (with `subtract_ggn`) `A = H - G`.
@@ -96,12 +98,19 @@ def hutchinson_kernel(
     num_full = num_probes // chunk_size
     full = keys[: num_full * chunk_size].reshape(num_full, chunk_size, *keys.shape[1:])
 
-    def accumulate(carry, chunk_keys):
+    remainder = num_full * chunk_size < num_probes
+    num_chunks = num_full + int(remainder)
+
+    def accumulate(carry, indexed):
+        index, chunk_keys = indexed
+        report(progress, "Hutchinson: chunks of probes", index, num_chunks)
         return _merge(carry, statistics(chunk_keys)), None
 
     zeros = jnp.zeros(size, stat_dtype)
-    stats, _ = jax.lax.scan(accumulate, (jnp.zeros((), stat_dtype), zeros, zeros), full)
-    if num_full * chunk_size < num_probes:
+    start = (jnp.zeros((), stat_dtype), zeros, zeros)
+    stats, _ = jax.lax.scan(accumulate, start, (jnp.arange(num_full), full))
+    if remainder:
+        report(progress, "Hutchinson: chunks of probes", num_full, num_chunks, after=stats[0])
         stats = _merge(stats, statistics(keys[num_full * chunk_size :]))
     count, mean, m2 = stats
     stderr = jnp.sqrt(m2 / jnp.maximum(count - 1, 1) / count)

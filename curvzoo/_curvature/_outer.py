@@ -28,6 +28,7 @@ def outer_diagonal(
     memory_budget: int,
     quantity: str,
     keep_samples: bool = False,
+    progress: bool = False,
 ) -> PyTree:
     """`scale * sum_n sum_k w_k (J_n^T c_k)^2` for a curvzoo `loss` and any model.
 
@@ -64,5 +65,7 @@ def outer_diagonal(
         memory_budget,
         dtype,
         keep_samples=keep_samples,
+        progress=progress,
+        label="vector-Jacobian products",
     )
     return cast_like(result, params)

@@ -347,6 +347,7 @@ def recurrent_hessian_diagonal(
     chunk_size: int | None,
     memory_budget: int,
     keep_samples: bool = False,
+    progress: bool = False,
 ) -> PyTree:
     """Exact `diag(H)` of a curvzoo loss for a zoo RNN (see the module docstring).
     `scale` multiplies the sum over samples; `keep_samples=True` returns one diagonal
@@ -374,6 +375,8 @@ def recurrent_hessian_diagonal(
         memory_budget,
         dtype,
         keep_samples=keep_samples,
+        progress=progress,
+        label="recurrent kernel",
     )
     full = eqx.tree_at(
         lambda mod: (chain.cell(mod), chain.head(mod)),

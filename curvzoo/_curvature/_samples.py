@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from ._memory import bytes_per_lane, chunk_from_budget
+from ._progress import report
 
 
 def trained_mask(params: PyTree) -> PyTree:
@@ -67,6 +68,8 @@ def sum_over_samples(
     dtype,
     *,
     keep_samples: bool = False,
+    progress: bool = False,
+    label: str = "samples",
 ) -> PyTree:
     """`scale * sum over chunks of contract(pieces, inputs, mask)`, or with
     `keep_samples=True` the same per sample, stacked on a new leading axis.
@@ -91,19 +94,33 @@ def sum_over_samples(
 
         return jax.vmap(one)(jax.vmap(per_sample)(x, y), x, mask)
 
+    num_chunks = chunks[-1].shape[0]  # the mask, `(num_chunks, chunk)`
+
+    def tell(index):
+        report(progress, f"{label}: chunks of samples", index, num_chunks)
+
     if keep_samples:
-        stacked = jax.lax.map(lambda chunk: sample_results(*chunk), chunks)
+
+        def stacked_chunk(indexed):
+            index, chunk = indexed
+            tell(index)
+            return sample_results(*chunk)
+
+        stacked = jax.lax.map(stacked_chunk, (jnp.arange(num_chunks), chunks))
         num = jax.tree.leaves(inputs)[0].shape[0]
         return jax.tree.map(lambda leaf: scale * leaf.reshape(-1, *leaf.shape[2:])[:num], stacked)
 
-    def accumulate(total, chunk):
+    def accumulate(total, indexed):
+        index, chunk = indexed
+        tell(index)
         return jax.tree.map(jnp.add, total, chunk_sum(*chunk)), None
 
-    if chunks[-1].shape[0] == 1:  # one chunk: no loop, so XLA can fuse across it
+    if num_chunks == 1:  # one chunk: no loop, so XLA can fuse across it
+        tell(0)
         total = chunk_sum(*_first(chunks))
     else:
         zeros = jax.tree.map(
             lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_sum, *_first(chunks))
         )
-        total, _ = jax.lax.scan(accumulate, zeros, chunks)
+        total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_chunks), chunks))
     return jax.tree.map(lambda leaf: scale * leaf, total)

@@ -227,6 +227,7 @@ def structured_diagonal(
     memory_budget: int,
     quantity: str = "hessian",
     keep_samples: bool = False,
+    progress: bool = False,
 ) -> PyTree:
     """Exact `diag(H)` of a curvzoo loss for a layered model, by Hessian
     backpropagation (see the module docstring); with `quantity="ggn"` or
@@ -278,6 +279,8 @@ def structured_diagonal(
         memory_budget,
         dtype,
         keep_samples=keep_samples,
+        progress=progress,
+        label="structured kernel",
     )
 
     # With `keep_samples` the leaves carry a leading sample axis; tree_at does not mind.
