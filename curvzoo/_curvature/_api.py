@@ -22,7 +22,7 @@ from ._checks import (
     check_positive_int,
     split_trainable,
 )
-from ._devices import place_on_mesh
+from ._devices import check_mesh, place_batch, replicate
 from ._generic import generic_hessian_diagonal, generic_per_sample_hessian_diagonal
 from ._hutchinson import hutchinson_kernel
 from ._layers import check_supported, defining_class, Unsupported
@@ -323,11 +323,14 @@ def hessian_diagonal(
         `model` or `batch` holds NaN or inf, or when the result does (the loss or its
         derivatives overflow). It costs one reduction over the arrays and is skipped
         under `jax.jit`, where the values are not known.
-    - `mesh`: a `jax.sharding.Mesh` to run on several devices: the batch is split
-        along its leading axis over all of the mesh's devices (its size must divide
-        evenly), the model is replicated, and XLA partitions the work, so every
-        device handles its share of the samples in every kernel. Leaves already
-        placed on `mesh` keep their sharding. For several hosts, call
+    - `mesh`: a `jax.sharding.Mesh` to run on several devices. The model is
+        replicated. Kernels that work sample by sample (structured, GGN family,
+        per-sample) split the batch along its leading axis over all of the mesh's
+        devices (its size must divide evenly), so every device handles its share of
+        the samples; the generic kernel and Hutchinson instead split each chunk of
+        basis vectors or probes over the devices, each of which sees the whole batch.
+        XLA (GSPMD) partitions the work. Leaves already placed on `mesh` keep their
+        sharding. For several hosts, call
         `jax.distributed.initialize()` first and pass a mesh over `jax.devices()` and
         a batch of global arrays (`jax.make_array_from_process_local_data`).
     - `progress`: if `True`, print a progress line to standard error while the kernel
@@ -366,12 +369,15 @@ def hessian_diagonal(
     """
     _check_method(method)
     _check_bool(per_sample, "per_sample")
-    model, batch = place_on_mesh(model, batch, mesh)
+    check_mesh(model, mesh)
+    model = replicate(model, mesh)
     setup = _setup(
         model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
     )
     params, static, prediction_shape, chunk_size, memory_budget = setup
     kernel = _hessian_kernel(model, loss, batch, params, method)
+    # The generic kernel splits its basis vectors over the devices; the others the batch.
+    batch = place_batch(batch, mesh, split=kernel is not None or per_sample)
     if kernel is None:
         if per_sample:
             result = generic_per_sample_hessian_diagonal(
@@ -379,8 +385,9 @@ def hessian_diagonal(
             )
         else:
             result = generic_hessian_diagonal(
-                params, static, loss, batch, chunk_size, memory_budget, progress=progress
-            )
+                params, static, loss, batch, chunk_size, memory_budget,
+                progress=progress, mesh=mesh,
+            )  # fmt: skip
     else:
         scale = _scale(loss, prediction_shape, per_sample)
         result = kernel(
@@ -455,11 +462,13 @@ def ggn_diagonal(
     """
     _check_method(method)
     _check_bool(per_sample, "per_sample")
-    model, batch = place_on_mesh(model, batch, mesh)
+    check_mesh(model, mesh)
+    model = replicate(model, mesh)
     setup = _setup(
         model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
     )
     _require_per_sample_form(loss, "`ggn_diagonal`", factor=True)
+    batch = place_batch(batch, mesh, split=True)
     result = _squared_columns(setup, model, loss, batch, method, "ggn", per_sample, progress)
     return _finite_result(result, check_finite)
 
@@ -517,12 +526,13 @@ def empirical_fisher_diagonal(
     """
     _check_method(method)
     _check_bool(per_sample, "per_sample")
-    model, batch = place_on_mesh(model, batch, mesh)
+    check_mesh(model, mesh)
+    model = replicate(model, mesh)
     setup = _setup(
         model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
     )
     _require_per_sample_form(loss, "`empirical_fisher_diagonal`", factor=False)
-    inputs, targets = split_batch(batch)
+    inputs, targets = split_batch(place_batch(batch, mesh, split=True))
     one_draw = (inputs, jnp.asarray(targets)[:, None])
     result = _squared_columns(
         setup, model, loss, one_draw, method, "gradients", per_sample, progress
@@ -583,12 +593,13 @@ def fisher_diagonal(
     check_key(key)
     check_positive_int(num_samples, "num_samples")
     _check_method(method)
-    model, batch = place_on_mesh(model, batch, mesh)
+    check_mesh(model, mesh)
+    model = replicate(model, mesh)
     setup = _setup(
         model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
     )
     _require_per_sample_form(loss, "`fisher_diagonal`", factor=False, sampler=True)
-    inputs, targets = split_batch(batch)
+    inputs, targets = split_batch(place_batch(batch, mesh, split=True))
     drawn = _sampled_targets(loss, model, inputs, key, int(num_samples))
     expected = jnp.shape(targets)[1:]
     if drawn.shape[2:] != expected:
@@ -679,7 +690,8 @@ def hutchinson_diagonal(
         raise ValueError(
             f"`return_stderr=True` needs `num_probes` >= 2 to estimate a spread, got {num_probes}."
         )
-    model, batch = place_on_mesh(model, batch, mesh)
+    check_mesh(model, mesh)
+    model = replicate(model, mesh)
     setup = _setup(
         model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
     )
@@ -688,6 +700,8 @@ def hutchinson_diagonal(
     if subtract:
         _require_per_sample_form(loss, "`hutchinson_diagonal(control_variate='ggn')`", factor=True)
     scale = _scale(loss, prediction_shape, False) if subtract else 1.0
+    # Hutchinson splits its probes over the devices; every device sees the whole batch.
+    batch = place_batch(batch, mesh, split=False)
     estimate, stderr = hutchinson_kernel(
         params,
         static,
@@ -700,6 +714,7 @@ def hutchinson_diagonal(
         chunk_size,
         memory_budget,
         progress=progress,
+        mesh=mesh,
     )
     if subtract:
         # `chunk_size` counts probes here; the exact GGN picks its own chunk of samples.

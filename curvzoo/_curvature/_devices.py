@@ -14,32 +14,57 @@ def _on(mesh: Mesh, leaf: Any) -> bool:
     return isinstance(sharding, NamedSharding) and sharding.mesh == mesh
 
 
-def place_on_mesh(model: Any, batch: Any, mesh: Any) -> tuple:
-    """`(model, batch)` with the batch split along its leading axis over every device of
-    `mesh` and the model's arrays replicated on them; both unchanged when `mesh` is
-    `None`. Leaves already placed on `mesh` keep their sharding. The computations that
-    follow are partitioned by XLA (GSPMD): each device works on its share of the
-    samples, and the sums over samples become all-reduces."""
+def check_mesh(model: Any, mesh: Any) -> None:
     if mesh is None:
-        return model, batch
+        return
     check_model(model)
     if not isinstance(mesh, Mesh):
         raise TypeError(f"`mesh` must be a `jax.sharding.Mesh` or None, got {type(mesh).__name__}.")
+
+
+def _put(tree: Any, mesh: Mesh, sharding: NamedSharding) -> Any:
+    def place(leaf):
+        if not eqx.is_array(leaf) or _on(mesh, leaf):
+            return leaf
+        return jax.device_put(leaf, sharding)
+
+    return jax.tree.map(place, tree)
+
+
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
+    """Every array of `tree` replicated on every device of `mesh` (unchanged for `None`,
+    and for arrays already placed on `mesh`)."""
+    if mesh is None:
+        return tree
+    return _put(tree, mesh, NamedSharding(mesh, PartitionSpec()))
+
+
+def lanes(mesh: Mesh) -> NamedSharding:
+    """A leading axis split over all of the mesh's devices."""
+    return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+
+
+def place_batch(batch: Any, mesh: Mesh | None, *, split: bool) -> Any:
+    """The batch split along its leading axis over the mesh's devices (`split=True`:
+    each device then works on its share of the samples, and sums over samples become
+    all-reduces), or replicated (for kernels that split their basis vectors or probes
+    instead). Leaves already placed on `mesh` keep their sharding."""
+    if mesh is None:
+        return batch
+    if not split:
+        return replicate(batch, mesh)
     size = check_batch(batch)
     if size % mesh.size:
         raise ValueError(
             f"`batch` has {size} samples, which `mesh` cannot split evenly over its "
             f"{mesh.size} devices; use a batch size divisible by {mesh.size}."
         )
-    split = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    return _put(batch, mesh, lanes(mesh))
 
-    def put(sharding):
-        def place(leaf):
-            if not eqx.is_array(leaf) or _on(mesh, leaf):
-                return leaf
-            return jax.device_put(leaf, sharding)
 
-        return place
-
-    return jax.tree.map(put(replicated), model), jax.tree.map(put(split), batch)
+def split_lanes(values: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Inside a kernel: split a chunk's lanes (basis vectors, probes) over the mesh's
+    devices, where they divide evenly."""
+    if mesh is None or values.shape[0] % mesh.size:
+        return values
+    return jax.lax.with_sharding_constraint(values, lanes(mesh))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import PyTree
 
+from ._devices import split_lanes
 from ._memory import bytes_per_lane, chunk_from_budget
 from ._progress import report
 
@@ -22,6 +23,7 @@ def generic_hessian_diagonal(
     memory_budget: int,
     basis_limit: int | None = None,
     progress: bool = False,
+    mesh=None,
 ) -> PyTree:
     """Exact `diag(H)` of `loss(combine(params, static), batch)` w.r.t. `params`.
 
@@ -61,15 +63,18 @@ def generic_hessian_diagonal(
         basis = jax.nn.one_hot(index, size, dtype=flat.dtype)
         return hvp(basis)[index]
 
-    # `jax.lax.map(..., batch_size=chunk)`, written out to report progress per chunk.
+    # `jax.lax.map(..., batch_size=chunk)`, written out to report progress per chunk and
+    # to split each chunk's basis vectors over the devices of `mesh`.
     chunk = min(chunk_size, count)
+    if mesh is not None and chunk >= mesh.size:
+        chunk -= chunk % mesh.size
     num_full = count // chunk
     num_chunks = num_full + int(num_full * chunk < count)
 
     def chunk_entries(_, indexed):
         index, entries = indexed
         report(progress, label, index, num_chunks)
-        return None, jax.vmap(diagonal_entry)(entries)
+        return None, jax.vmap(diagonal_entry)(split_lanes(entries, mesh))
 
     entries = jnp.arange(num_full * chunk).reshape(num_full, chunk)
     _, diagonal = jax.lax.scan(chunk_entries, None, (jnp.arange(num_full), entries))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
+from ._devices import split_lanes
 from ._memory import bytes_per_lane, chunk_from_budget
 from ._progress import report
 
@@ -42,6 +43,7 @@ def hutchinson_kernel(
     chunk_size: int | None,
     memory_budget: int,
     progress: bool = False,
+    mesh=None,
 ) -> tuple[PyTree, PyTree]:
     """The mean of `z * (A z)` over `num_probes` Rademacher probes and its standard
     error, for `A = H` or (with `subtract_ggn`) `A = H - G`.
@@ -86,7 +88,7 @@ def hutchinson_kernel(
     stat_dtype = jnp.promote_types(flat.dtype, jnp.float32)
 
     def statistics(chunk_keys):
-        samples = jax.vmap(probe)(chunk_keys).astype(stat_dtype)
+        samples = jax.vmap(probe)(split_lanes(chunk_keys, mesh)).astype(stat_dtype)
         mean = jnp.mean(samples, axis=0)
         m2 = jnp.sum((samples - mean) ** 2, axis=0)
         return jnp.asarray(samples.shape[0], stat_dtype), mean, m2
@@ -95,6 +97,8 @@ def hutchinson_kernel(
     if chunk_size is None:
         chunk_size = chunk_from_budget(bytes_per_lane(probe, keys[0]), num_probes, memory_budget)
     chunk_size = min(chunk_size, num_probes)
+    if mesh is not None and chunk_size >= mesh.size:
+        chunk_size -= chunk_size % mesh.size
     num_full = num_probes // chunk_size
     full = keys[: num_full * chunk_size].reshape(num_full, chunk_size, *keys.shape[1:])
 
