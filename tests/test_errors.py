@@ -327,3 +327,23 @@ def test_non_finite_targets_and_results(setup, getkey):
     jitted(model, (x,))
     with pytest.raises(TypeError, match="`check_finite` must be True or False"):
         cz.hessian_diagonal(model, overflowing, (x,), check_finite="no")
+
+
+@pytest.mark.parametrize("function", list(_FUNCTIONS))
+def test_shared_bad_input_on_every_function(setup, function):
+    """The checks every function shares, each naming its argument."""
+    model, x, y = setup
+    call = _FUNCTIONS[function]
+    loss = cz.losses.cross_entropy
+    with pytest.raises(ValueError, match="must share their leading"):
+        call(model, loss, (x, y[:4]))
+    with pytest.raises(ValueError, match="`filter_spec` must be"):
+        call(model, loss, (x, y), filter_spec=[True, False])
+    with pytest.raises(ValueError, match="`chunk_size` must be >= 1"):
+        call(model, loss, (x, y), chunk_size=0)
+    with pytest.raises(ValueError, match="`memory_budget` must be >= 1"):
+        call(model, loss, (x, y), memory_budget=0)
+    with pytest.raises(TypeError, match="`model` must be an Equinox module"):
+        call(lambda v: v, loss, (x, y))
+    with pytest.raises(TypeError, match="`mesh` must be a `jax.sharding.Mesh`"):
+        call(model, loss, (x, y), mesh="data")

@@ -35,8 +35,8 @@ class AbstractModel(eqx.Module):
     def hessian_diagonal(self, loss: Callable, batch: PyTree, **options) -> PyTree:
         """The exact diagonal of the loss's Hessian with respect to this model's
         trainable parameters. See [`curvzoo.hessian_diagonal`][] for the options
-        (`filter_spec`, `chunk_size`, `memory_budget`, `method`, `per_sample`) and the
-        structure of the result.
+        (`filter_spec`, `chunk_size`, `memory_budget`, `method`, `per_sample`,
+        `check_finite`, `mesh`, `progress`) and the structure of the result.
         """
         return hessian_diagonal(self, loss, batch, **options)
 
