@@ -151,19 +151,41 @@ def _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_fin
     _check_bool(progress, "progress")
     params, static = split_trainable(model, filter_spec)
     prediction_shape = check_loss_output(loss, model, batch)
-    if check_finite:
-        check_finite_trees({"model": model, "batch": batch})
     if memory_budget is None:
         memory_budget = DEFAULT_MEMORY_BUDGET
     chunk_size = None if chunk_size is None else int(chunk_size)
     return params, static, prediction_shape, chunk_size, int(memory_budget)
 
 
-def _finite_result(result: PyTree, check_finite: bool) -> PyTree:
-    """`result`, after checking (with `check_finite`, outside `jax.jit`) that the
-    curvature did not overflow."""
-    if check_finite:
-        check_finite_trees({"diagonal": result}, result=True)
+def _checked_leaves(tree: PyTree) -> list:
+    return [leaf for leaf in jax.tree.leaves(tree) if eqx.is_inexact_array(leaf) and leaf.size]
+
+
+@eqx.filter_jit
+def _run_checked(kernel: Callable, args: tuple, kwargs: dict, inputs: PyTree):
+    """`kernel(*args, **kwargs)` and, in the same compiled program, whether every
+    floating-point array of `inputs` and of the result is finite (one flag per array)."""
+    result = kernel(*args, **kwargs)
+    leaves = _checked_leaves((inputs, result))
+    flags = jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+    return result, flags
+
+
+def _call_kernel(kernel: Callable, *args, check: PyTree | None = None, **kwargs):
+    """`(kernel(*args, **kwargs), flags)`; with `check` (the `(model, batch)` to check),
+    the finiteness flags of `check` and of the result are computed with the kernel, so
+    `check_finite` costs one tiny transfer, not another pass and dispatch."""
+    if check is None:
+        return kernel(*args, **kwargs), None
+    return _run_checked(kernel, args, kwargs, check)
+
+
+def _finite_result(result: PyTree, flags, model, batch) -> PyTree:
+    """`result`, after reading the finiteness `flags` of `(model, batch)` and `result`
+    (in that order; `None` when not checked, a tracer under an outer `jax.jit`)."""
+    if flags is None or isinstance(flags, jax.core.Tracer) or np.asarray(flags).all():
+        return result
+    check_finite_trees({"model": model, "batch": batch, "diagonal": result}, results=("diagonal",))
     return result
 
 
@@ -231,7 +253,9 @@ def _hessian_kernel(model, loss, batch, params, method: str) -> Callable | None:
     return kernel
 
 
-def _squared_columns(setup, model, loss, batch, method, quantity, per_sample, progress=False):
+def _squared_columns(
+    setup, model, loss, batch, method, quantity, per_sample, progress=False, check=None
+):
     """A diagonal of the form `sum_k w_k (J^T c_k)^2` per sample (GGN, Fisher, empirical
     Fisher): the layered structured kernel where it applies, else one vector-Jacobian
     product per column and sample."""
@@ -253,9 +277,9 @@ def _squared_columns(setup, model, loss, batch, method, quantity, per_sample, pr
                 "`method='auto'` or `method='generic'`."
             )
     scale = _scale(loss, prediction_shape, per_sample)
-    return kernel(
-        params, static, loss, batch, scale, chunk_size, memory_budget, quantity, per_sample,
-        progress=progress,
+    return _call_kernel(
+        kernel, params, static, loss, batch, scale, chunk_size, memory_budget, quantity,
+        per_sample, progress=progress, check=check,
     )  # fmt: skip
 
 
@@ -321,8 +345,10 @@ def hessian_diagonal(
         per-sample ones (`reduction="mean"`) or their sum (`"sum"`).
     - `check_finite`: if `True` (default), raise a `ValueError` naming the leaf when
         `model` or `batch` holds NaN or inf, or when the result does (the loss or its
-        derivatives overflow). It costs one reduction over the arrays and is skipped
-        under `jax.jit`, where the values are not known.
+        derivatives overflow). The flags are computed with the kernel, in the same
+        compiled program (one pass over the arrays, a few bytes to the host), and read
+        after it; under an outer `jax.jit` the values are not known and nothing is
+        checked.
     - `mesh`: a `jax.sharding.Mesh` to run on several devices. The model is
         replicated. Kernels that work sample by sample (structured, GGN family,
         per-sample) split the batch along its leading axis over all of the mesh's
@@ -378,23 +404,25 @@ def hessian_diagonal(
     kernel = _hessian_kernel(model, loss, batch, params, method)
     # The generic kernel splits its basis vectors over the devices; the others the batch.
     batch = place_batch(batch, mesh, split=kernel is not None or per_sample)
+    check = (model, batch) if check_finite else None
     if kernel is None:
         if per_sample:
-            result = generic_per_sample_hessian_diagonal(
-                params, static, loss, batch, chunk_size, memory_budget, progress=progress
-            )
+            result, flags = _call_kernel(
+                generic_per_sample_hessian_diagonal, params, static, loss, batch, chunk_size,
+                memory_budget, progress=progress, check=check,
+            )  # fmt: skip
         else:
-            result = generic_hessian_diagonal(
-                params, static, loss, batch, chunk_size, memory_budget,
-                progress=progress, mesh=mesh,
+            result, flags = _call_kernel(
+                generic_hessian_diagonal, params, static, loss, batch, chunk_size,
+                memory_budget, progress=progress, mesh=mesh, check=check,
             )  # fmt: skip
     else:
         scale = _scale(loss, prediction_shape, per_sample)
-        result = kernel(
-            params, static, loss, batch, scale, chunk_size, memory_budget,
-            keep_samples=per_sample, progress=progress,
+        result, flags = _call_kernel(
+            kernel, params, static, loss, batch, scale, chunk_size, memory_budget,
+            keep_samples=per_sample, progress=progress, check=check,
         )  # fmt: skip
-    return _finite_result(result, check_finite)
+    return _finite_result(result, flags, model, batch)
 
 
 @no_type_check
@@ -469,8 +497,11 @@ def ggn_diagonal(
     )
     _require_per_sample_form(loss, "`ggn_diagonal`", factor=True)
     batch = place_batch(batch, mesh, split=True)
-    result = _squared_columns(setup, model, loss, batch, method, "ggn", per_sample, progress)
-    return _finite_result(result, check_finite)
+    check = (model, batch) if check_finite else None
+    result, flags = _squared_columns(
+        setup, model, loss, batch, method, "ggn", per_sample, progress, check
+    )
+    return _finite_result(result, flags, model, batch)
 
 
 @no_type_check
@@ -534,10 +565,11 @@ def empirical_fisher_diagonal(
     _require_per_sample_form(loss, "`empirical_fisher_diagonal`", factor=False)
     inputs, targets = split_batch(place_batch(batch, mesh, split=True))
     one_draw = (inputs, jnp.asarray(targets)[:, None])
-    result = _squared_columns(
-        setup, model, loss, one_draw, method, "gradients", per_sample, progress
+    check = (model, batch) if check_finite else None
+    result, flags = _squared_columns(
+        setup, model, loss, one_draw, method, "gradients", per_sample, progress, check
     )
-    return _finite_result(result, check_finite)
+    return _finite_result(result, flags, model, batch)
 
 
 @no_type_check
@@ -607,10 +639,11 @@ def fisher_diagonal(
             f"`loss.sample_targets` must return one sample's targets, of shape {expected}; "
             f"it returned shape {drawn.shape[2:]}."
         )
-    result = _squared_columns(
-        setup, model, loss, (inputs, drawn), method, "gradients", False, progress
+    check = (model, batch) if check_finite else None
+    result, flags = _squared_columns(
+        setup, model, loss, (inputs, drawn), method, "gradients", False, progress, check
     )
-    return _finite_result(result, check_finite)
+    return _finite_result(result, flags, model, batch)
 
 
 @no_type_check
@@ -702,24 +735,18 @@ def hutchinson_diagonal(
     scale = _scale(loss, prediction_shape, False) if subtract else 1.0
     # Hutchinson splits its probes over the devices; every device sees the whole batch.
     batch = place_batch(batch, mesh, split=False)
-    estimate, stderr = hutchinson_kernel(
-        params,
-        static,
-        loss,
-        batch,
-        scale,
-        key,
-        int(num_probes),
-        subtract,
-        chunk_size,
-        memory_budget,
-        progress=progress,
-        mesh=mesh,
-    )
+    check = (model, batch) if check_finite else None
+    (estimate, stderr), flags = _call_kernel(
+        hutchinson_kernel, params, static, loss, batch, scale, key, int(num_probes), subtract,
+        chunk_size, memory_budget, progress=progress, mesh=mesh, check=check,
+    )  # fmt: skip
     if subtract:
         # `chunk_size` counts probes here; the exact GGN picks its own chunk of samples.
         ggn_setup = (params, static, prediction_shape, None, memory_budget)
-        exact = _squared_columns(ggn_setup, model, loss, batch, "auto", "ggn", False, progress)
+        exact, ggn_flags = _squared_columns(
+            ggn_setup, model, loss, batch, "auto", "ggn", False, progress, check
+        )
+        _finite_result(exact, ggn_flags, model, batch)
         estimate = jax.tree.map(jnp.add, estimate, exact)
-    _finite_result((estimate, stderr), check_finite)
+    _finite_result((estimate, stderr), flags, model, batch)
     return (estimate, stderr) if return_stderr else estimate

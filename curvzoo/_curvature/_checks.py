@@ -214,36 +214,48 @@ def _finite_flags(leaves: list) -> jax.Array:
     return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
 
 
-def check_finite(trees: dict[str, PyTree], *, result: bool = False) -> None:
+def check_finite(trees: dict[str, PyTree], *, results: tuple[str, ...] = ()) -> None:
     """Raise a `ValueError` naming the first leaf, by its path, that holds NaN or inf.
 
-    `trees` maps a name (`"model"`, `"batch"`, `"result"`) to a PyTree. Only concrete
-    floating-point arrays are checked, in one compiled reduction: under `jax.jit` the
-    leaves that are traced are skipped (arrays closed over are still checked). With
-    `result=True` the message says that the inputs were finite and the curvature itself
+    `trees` maps a name (`"model"`, `"batch"`, `"diagonal"`) to a PyTree. Only concrete
+    floating-point arrays are checked, all in one compiled reduction and one transfer
+    to the host: under `jax.jit` the leaves that are traced are skipped (arrays closed
+    over are still checked). Inputs are reported first; for the trees named in
+    `results` the message says that the inputs were finite and the curvature itself
     overflowed.
     """
-    named = []
-    for name, tree in trees.items():
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            if (
-                isinstance(leaf, (jax.Array, np.ndarray))
-                and not isinstance(leaf, jax.core.Tracer)
-                and jnp.issubdtype(leaf.dtype, jnp.inexact)
-                and leaf.size
-            ):
-                named.append((name + jax.tree_util.keystr(path), leaf))
-    if not named:
+
+    def checked(leaf) -> bool:
+        return (
+            isinstance(leaf, (jax.Array, np.ndarray))
+            and not isinstance(leaf, jax.core.Tracer)
+            and jnp.issubdtype(leaf.dtype, jnp.inexact)
+            and leaf.size > 0
+        )
+
+    # Paths are only worked out for a failure: flattening with paths is the slow part.
+    leaves = [leaf for tree in trees.values() for leaf in jax.tree.leaves(tree) if checked(leaf)]
+    if not leaves:
         return
     # Concrete leaves can be closed over by an outer `jax.jit`: evaluate the check now,
     # at trace time, rather than staging it into the caller's computation.
     with jax.ensure_compile_time_eval():
-        flags = np.asarray(_finite_flags([leaf for _, leaf in named]))
-    for (name, leaf), finite in zip(named, flags):
+        flags = np.asarray(_finite_flags(leaves))
+    if flags.all():
+        return
+    named = [
+        (name + jax.tree_util.keystr(path), leaf)
+        for name, tree in trees.items()
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if checked(leaf)
+    ]
+    order = sorted(range(len(named)), key=lambda i: named[i][0].startswith(results))
+    for i in order:
+        (name, leaf), finite = named[i], flags[i]
         if finite:
             continue
         count = int(np.sum(~np.isfinite(np.asarray(leaf))))
-        if result:
+        if results and name.startswith(results):
             raise ValueError(
                 f"the curvature came out non-finite: `{name}` holds {count} NaN or inf "
                 "entries although `model` and `batch` are finite, so the loss or its "
