@@ -1,7 +1,7 @@
 """The public curvature functions: argument checks, then one kernel each."""
 
 from collections.abc import Callable
-from typing import Any, no_type_check
+from typing import Any, NamedTuple, no_type_check
 
 import equinox as eqx
 import jax
@@ -14,12 +14,12 @@ from .._losses import AbstractElementwiseLoss, AbstractLoss, AbstractStepwiseLos
 from ._checks import (
     cached,
     check_batch,
-    check_finite as check_finite_trees,
     check_key,
     check_loss,
     check_loss_output,
     check_model,
     check_positive_int,
+    raise_non_finite,
     split_trainable,
 )
 from ._devices import check_mesh, place_batch, replicate
@@ -135,14 +135,32 @@ def _check_method(method: Any) -> None:
         raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
 
 
-def _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress):
-    """The checks every function shares, in the order a user would fix them.
+class _Setup(NamedTuple):
+    """What every function needs after the shared checks."""
 
-    **Returns:** `(params, static, prediction_shape, chunk_size, memory_budget)`, with
-    the prediction shape of the whole batch (`None` for a custom callable loss) and the
-    default budget filled in.
-    """
+    model: eqx.Module  # replicated on `mesh` when one is given
+    params: PyTree
+    static: PyTree
+    prediction_shape: tuple | None  # of the whole batch; `None` for a callable loss
+    chunk_size: int | None
+    memory_budget: int
+    check_finite: bool
+    progress: bool
+    mesh: Mesh | None
+
+    def check(self, batch: PyTree) -> PyTree | None:
+        """What `_call_kernel` checks for finiteness: `(model, batch)`, or nothing."""
+        return (self.model, batch) if self.check_finite else None
+
+
+def _setup(
+    model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress, mesh
+) -> _Setup:
+    """The checks every function shares, in the order a user would fix them; the model
+    is placed on `mesh`, and the default budget filled in."""
     check_model(model)
+    check_mesh(model, mesh)
+    model = replicate(model, mesh)
     check_loss(loss)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     check_positive_int(memory_budget, "memory_budget", allow_none=True)
@@ -154,7 +172,10 @@ def _setup(model, loss, batch, filter_spec, chunk_size, memory_budget, check_fin
     if memory_budget is None:
         memory_budget = DEFAULT_MEMORY_BUDGET
     chunk_size = None if chunk_size is None else int(chunk_size)
-    return params, static, prediction_shape, chunk_size, int(memory_budget)
+    return _Setup(
+        model, params, static, prediction_shape, chunk_size, int(memory_budget),
+        check_finite, progress, mesh,
+    )  # fmt: skip
 
 
 def _checked_leaves(tree: PyTree) -> list:
@@ -180,12 +201,14 @@ def _call_kernel(kernel: Callable, *args, check: PyTree | None = None, **kwargs)
     return _run_checked(kernel, args, kwargs, check)
 
 
-def _finite_result(result: PyTree, flags, model, batch) -> PyTree:
-    """`result`, after reading the finiteness `flags` of `(model, batch)` and `result`
-    (in that order; `None` when not checked, a tracer under an outer `jax.jit`)."""
+def _finite_result(result: PyTree, flags, setup: _Setup, batch: PyTree) -> PyTree:
+    """`result`, after reading the finiteness `flags` of `setup.check(batch)` and of
+    `result` (`None` when not checked, a tracer under an outer `jax.jit`); on a failure
+    the leaf is found and named."""
     if flags is None or isinstance(flags, jax.core.Tracer) or np.asarray(flags).all():
         return result
-    check_finite_trees({"model": model, "batch": batch, "diagonal": result}, results=("diagonal",))
+    trees = {"model": setup.model, "batch": batch, "diagonal": result}
+    raise_non_finite(trees, results=("diagonal",))
     return result
 
 
@@ -253,16 +276,13 @@ def _hessian_kernel(model, loss, batch, params, method: str) -> Callable | None:
     return kernel
 
 
-def _squared_columns(
-    setup, model, loss, batch, method, quantity, per_sample, progress=False, check=None
-):
+def _squared_columns(setup: _Setup, loss, batch, method, quantity, per_sample):
     """A diagonal of the form `sum_k w_k (J^T c_k)^2` per sample (GGN, Fisher, empirical
     Fisher): the layered structured kernel where it applies, else one vector-Jacobian
-    product per column and sample."""
-    params, static, prediction_shape, chunk_size, memory_budget = setup
+    product per column and sample. **Returns:** `(result, finiteness flags)`."""
     kernel = outer_diagonal
     if method != "generic":
-        structured, reason = _structured_kernel(model, loss, quantity)
+        structured, reason = _structured_kernel(setup.model, loss, quantity)
         if structured is structured_diagonal:
             kernel = structured_diagonal
         elif method == "structured":
@@ -276,10 +296,11 @@ def _squared_columns(
                 f"`method='structured'` cannot be used here: {reason}. Use "
                 "`method='auto'` or `method='generic'`."
             )
-    scale = _scale(loss, prediction_shape, per_sample)
+    scale = _scale(loss, setup.prediction_shape, per_sample)
     return _call_kernel(
-        kernel, params, static, loss, batch, scale, chunk_size, memory_budget, quantity,
-        per_sample, progress=progress, check=check,
+        kernel, setup.params, setup.static, loss, batch, scale, setup.chunk_size,
+        setup.memory_budget, quantity, per_sample, progress=setup.progress,
+        check=setup.check(batch),
     )  # fmt: skip
 
 
@@ -395,34 +416,28 @@ def hessian_diagonal(
     """
     _check_method(method)
     _check_bool(per_sample, "per_sample")
-    check_mesh(model, mesh)
-    model = replicate(model, mesh)
     setup = _setup(
-        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
+        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress, mesh
     )
-    params, static, prediction_shape, chunk_size, memory_budget = setup
-    kernel = _hessian_kernel(model, loss, batch, params, method)
+    params, static = setup.params, setup.static
+    kernel = _hessian_kernel(setup.model, loss, batch, params, method)
     # The generic kernel splits its basis vectors over the devices; the others the batch.
     batch = place_batch(batch, mesh, split=kernel is not None or per_sample)
-    check = (model, batch) if check_finite else None
-    if kernel is None:
-        if per_sample:
-            result, flags = _call_kernel(
-                generic_per_sample_hessian_diagonal, params, static, loss, batch, chunk_size,
-                memory_budget, progress=progress, check=check,
-            )  # fmt: skip
-        else:
-            result, flags = _call_kernel(
-                generic_hessian_diagonal, params, static, loss, batch, chunk_size,
-                memory_budget, progress=progress, mesh=mesh, check=check,
-            )  # fmt: skip
+    sizes = (setup.chunk_size, setup.memory_budget)
+    options = dict(progress=progress, check=setup.check(batch))
+    if kernel is None and per_sample:
+        generic = generic_per_sample_hessian_diagonal
+        result, flags = _call_kernel(generic, params, static, loss, batch, *sizes, **options)
+    elif kernel is None:
+        generic = generic_hessian_diagonal
+        options["mesh"] = mesh
+        result, flags = _call_kernel(generic, params, static, loss, batch, *sizes, **options)
     else:
-        scale = _scale(loss, prediction_shape, per_sample)
+        scale = _scale(loss, setup.prediction_shape, per_sample)
         result, flags = _call_kernel(
-            kernel, params, static, loss, batch, scale, chunk_size, memory_budget,
-            keep_samples=per_sample, progress=progress, check=check,
-        )  # fmt: skip
-    return _finite_result(result, flags, model, batch)
+            kernel, params, static, loss, batch, scale, *sizes, keep_samples=per_sample, **options
+        )
+    return _finite_result(result, flags, setup, batch)
 
 
 @no_type_check
@@ -490,18 +505,13 @@ def ggn_diagonal(
     """
     _check_method(method)
     _check_bool(per_sample, "per_sample")
-    check_mesh(model, mesh)
-    model = replicate(model, mesh)
     setup = _setup(
-        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
+        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress, mesh
     )
     _require_per_sample_form(loss, "`ggn_diagonal`", factor=True)
     batch = place_batch(batch, mesh, split=True)
-    check = (model, batch) if check_finite else None
-    result, flags = _squared_columns(
-        setup, model, loss, batch, method, "ggn", per_sample, progress, check
-    )
-    return _finite_result(result, flags, model, batch)
+    result, flags = _squared_columns(setup, loss, batch, method, "ggn", per_sample)
+    return _finite_result(result, flags, setup, batch)
 
 
 @no_type_check
@@ -557,19 +567,14 @@ def empirical_fisher_diagonal(
     """
     _check_method(method)
     _check_bool(per_sample, "per_sample")
-    check_mesh(model, mesh)
-    model = replicate(model, mesh)
     setup = _setup(
-        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
+        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress, mesh
     )
     _require_per_sample_form(loss, "`empirical_fisher_diagonal`", factor=False)
     inputs, targets = split_batch(place_batch(batch, mesh, split=True))
     one_draw = (inputs, jnp.asarray(targets)[:, None])
-    check = (model, batch) if check_finite else None
-    result, flags = _squared_columns(
-        setup, model, loss, one_draw, method, "gradients", per_sample, progress, check
-    )
-    return _finite_result(result, flags, model, batch)
+    result, flags = _squared_columns(setup, loss, one_draw, method, "gradients", per_sample)
+    return _finite_result(result, flags, setup, one_draw)
 
 
 @no_type_check
@@ -625,25 +630,21 @@ def fisher_diagonal(
     check_key(key)
     check_positive_int(num_samples, "num_samples")
     _check_method(method)
-    check_mesh(model, mesh)
-    model = replicate(model, mesh)
     setup = _setup(
-        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
+        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress, mesh
     )
     _require_per_sample_form(loss, "`fisher_diagonal`", factor=False, sampler=True)
     inputs, targets = split_batch(place_batch(batch, mesh, split=True))
-    drawn = _sampled_targets(loss, model, inputs, key, int(num_samples))
+    drawn = _sampled_targets(loss, setup.model, inputs, key, int(num_samples))
     expected = jnp.shape(targets)[1:]
     if drawn.shape[2:] != expected:
         raise ValueError(
             f"`loss.sample_targets` must return one sample's targets, of shape {expected}; "
             f"it returned shape {drawn.shape[2:]}."
         )
-    check = (model, batch) if check_finite else None
-    result, flags = _squared_columns(
-        setup, model, loss, (inputs, drawn), method, "gradients", False, progress, check
-    )
-    return _finite_result(result, flags, model, batch)
+    drawn_batch = (inputs, drawn)
+    result, flags = _squared_columns(setup, loss, drawn_batch, method, "gradients", False)
+    return _finite_result(result, flags, setup, drawn_batch)
 
 
 @no_type_check
@@ -723,30 +724,25 @@ def hutchinson_diagonal(
         raise ValueError(
             f"`return_stderr=True` needs `num_probes` >= 2 to estimate a spread, got {num_probes}."
         )
-    check_mesh(model, mesh)
-    model = replicate(model, mesh)
     setup = _setup(
-        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress
+        model, loss, batch, filter_spec, chunk_size, memory_budget, check_finite, progress, mesh
     )
-    params, static, prediction_shape, chunk_size, memory_budget = setup
     subtract = control_variate == "ggn"
     if subtract:
         _require_per_sample_form(loss, "`hutchinson_diagonal(control_variate='ggn')`", factor=True)
-    scale = _scale(loss, prediction_shape, False) if subtract else 1.0
+    scale = _scale(loss, setup.prediction_shape, False) if subtract else 1.0
     # Hutchinson splits its probes over the devices; every device sees the whole batch.
     batch = place_batch(batch, mesh, split=False)
-    check = (model, batch) if check_finite else None
     (estimate, stderr), flags = _call_kernel(
-        hutchinson_kernel, params, static, loss, batch, scale, key, int(num_probes), subtract,
-        chunk_size, memory_budget, progress=progress, mesh=mesh, check=check,
+        hutchinson_kernel, setup.params, setup.static, loss, batch, scale, key,
+        int(num_probes), subtract, setup.chunk_size, setup.memory_budget,
+        progress=progress, mesh=mesh, check=setup.check(batch),
     )  # fmt: skip
     if subtract:
         # `chunk_size` counts probes here; the exact GGN picks its own chunk of samples.
-        ggn_setup = (params, static, prediction_shape, None, memory_budget)
-        exact, ggn_flags = _squared_columns(
-            ggn_setup, model, loss, batch, "auto", "ggn", False, progress, check
-        )
-        _finite_result(exact, ggn_flags, model, batch)
+        ggn_setup = setup._replace(chunk_size=None)
+        exact, ggn_flags = _squared_columns(ggn_setup, loss, batch, "auto", "ggn", False)
+        _finite_result(exact, ggn_flags, setup, batch)
         estimate = jax.tree.map(jnp.add, estimate, exact)
-    _finite_result((estimate, stderr), flags, model, batch)
+    _finite_result((estimate, stderr), flags, setup, batch)
     return (estimate, stderr) if return_stderr else estimate

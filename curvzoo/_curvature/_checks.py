@@ -209,52 +209,28 @@ def check_key(key: Any) -> None:
     )
 
 
-@jax.jit
-def _finite_flags(leaves: list) -> jax.Array:
-    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
-
-
-def check_finite(trees: dict[str, PyTree], *, results: tuple[str, ...] = ()) -> None:
+def raise_non_finite(trees: dict[str, PyTree], *, results: tuple[str, ...] = ()) -> None:
     """Raise a `ValueError` naming the first leaf, by its path, that holds NaN or inf.
 
-    `trees` maps a name (`"model"`, `"batch"`, `"diagonal"`) to a PyTree. Only concrete
-    floating-point arrays are checked, all in one compiled reduction and one transfer
-    to the host: under `jax.jit` the leaves that are traced are skipped (arrays closed
-    over are still checked). Inputs are reported first; for the trees named in
-    `results` the message says that the inputs were finite and the curvature itself
-    overflowed.
+    Called once the finiteness flags, computed with the kernel, have shown a failure
+    (never under a trace), to find and name it. `trees` maps a name (`"model"`,
+    `"batch"`, `"diagonal"`) to a PyTree of concrete arrays. Inputs are reported first;
+    for the trees named in `results` the message says that the inputs were finite and
+    the curvature itself overflowed.
     """
-
-    def checked(leaf) -> bool:
-        return (
-            isinstance(leaf, (jax.Array, np.ndarray))
-            and not isinstance(leaf, jax.core.Tracer)
-            and jnp.issubdtype(leaf.dtype, jnp.inexact)
-            and leaf.size > 0
-        )
-
-    # Paths are only worked out for a failure: flattening with paths is the slow part.
-    leaves = [leaf for tree in trees.values() for leaf in jax.tree.leaves(tree) if checked(leaf)]
-    if not leaves:
-        return
-    # Concrete leaves can be closed over by an outer `jax.jit`: evaluate the check now,
-    # at trace time, rather than staging it into the caller's computation.
-    with jax.ensure_compile_time_eval():
-        flags = np.asarray(_finite_flags(leaves))
-    if flags.all():
-        return
     named = [
-        (name + jax.tree_util.keystr(path), leaf)
+        (name + jax.tree_util.keystr(path), np.asarray(leaf))
         for name, tree in trees.items()
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-        if checked(leaf)
+        if eqx.is_inexact_array(leaf)
     ]
+    flags = [bool(np.all(np.isfinite(leaf))) for _, leaf in named]
     order = sorted(range(len(named)), key=lambda i: named[i][0].startswith(results))
     for i in order:
         (name, leaf), finite = named[i], flags[i]
         if finite:
             continue
-        count = int(np.sum(~np.isfinite(np.asarray(leaf))))
+        count = int(np.sum(~np.isfinite(leaf)))
         if results and name.startswith(results):
             raise ValueError(
                 f"the curvature came out non-finite: `{name}` holds {count} NaN or inf "
