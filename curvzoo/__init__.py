@@ -3,7 +3,7 @@
 from importlib import metadata as _metadata
 
 from . import analysis as analysis, losses as losses
-from ._curvature import (
+from ._api._functions import (
     empirical_fisher_diagonal as empirical_fisher_diagonal,
     fisher_diagonal as fisher_diagonal,
     ggn_diagonal as ggn_diagonal,

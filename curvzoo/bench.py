@@ -124,9 +124,9 @@ def _scaling(seed: int) -> dict:
     import jax
 
     import curvzoo as cz
-    from curvzoo._curvature._checks import split_trainable
-    from curvzoo._curvature._generic import generic_hessian_diagonal
-    from curvzoo._curvature._memory import DEFAULT_MEMORY_BUDGET
+    from curvzoo._kernels._generic import generic_hessian_diagonal
+    from curvzoo._run._checks import split_trainable
+    from curvzoo._run._memory import DEFAULT_MEMORY_BUDGET
 
     loss = cz.losses.cross_entropy
     grid = []
@@ -278,8 +278,8 @@ def _memory_row(row: str, seed: int) -> dict:
     from jax.flatten_util import ravel_pytree
 
     import curvzoo as cz
-    from curvzoo._curvature._checks import split_trainable
-    from curvzoo._curvature._memory import bytes_per_lane, DEFAULT_MEMORY_BUDGET
+    from curvzoo._run._checks import split_trainable
+    from curvzoo._run._memory import bytes_per_lane, DEFAULT_MEMORY_BUDGET
 
     key_model, key_x, key_y = jr.split(jr.key(seed), 3)
     model = cz.MLP(128, 10, 256, 2, activation=jax.nn.tanh, key=key_model)

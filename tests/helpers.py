@@ -162,7 +162,7 @@ def spy_kernels(monkeypatch) -> list:
     """Record which kernel each curvature call runs: the returned list gains
     `"generic"`, `"structured"`, `"recurrent"` or `"outer"` (vector-Jacobian products
     for the GGN family) per kernel call."""
-    from curvzoo._curvature import _api
+    from curvzoo._api import _functions as _api
 
     calls = []
     for name in (

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
-from curvzoo._curvature._recurrent import _node_inputs, _run
+from curvzoo._kernels._recurrent import _node_inputs, _run
 
 from .helpers import (
     assert_diagonal_close,
@@ -138,7 +138,7 @@ def test_auto_picks_the_faster_kernel_by_cost(getkey, monkeypatch):
     """A long sequence through a tiny cell is cheaper for the generic kernel (one
     Hessian-vector product per parameter, few parameters); the benchmark's GRU shape is
     far cheaper for the structured one. (Decision only; timings live in the benchmark.)"""
-    from curvzoo._curvature._recurrent import estimated_costs
+    from curvzoo._kernels._recurrent import estimated_costs
 
     calls = spy_kernels(monkeypatch)
 

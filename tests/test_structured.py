@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
-from curvzoo._curvature._layers import describe
+from curvzoo._kernels._ops import describe
 
 from .helpers import (
     assert_diagonal_close,

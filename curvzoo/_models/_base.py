@@ -5,7 +5,7 @@ from typing import no_type_check
 import equinox as eqx
 from jaxtyping import Array, PyTree
 
-from .._curvature import (
+from .._api._functions import (
     empirical_fisher_diagonal,
     fisher_diagonal,
     ggn_diagonal,

@@ -5,7 +5,7 @@ import jax
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._curvature._layers import Elementwise, Linear, make_param_layer, make_pool
+from .._kernels._ops import Elementwise, Linear, make_param_layer, make_pool
 from ._base import AbstractModel
 
 

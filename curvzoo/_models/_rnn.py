@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._curvature._recurrent import RecurrentChain
+from .._kernels._recurrent import RecurrentChain
 from ._base import AbstractModel
 
 

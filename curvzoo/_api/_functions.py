@@ -10,8 +10,14 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, PyTree
 
+from .._kernels._generic import generic_hessian_diagonal, generic_per_sample_hessian_diagonal
+from .._kernels._hutchinson import hutchinson_kernel
+from .._kernels._layered import structured_diagonal
+from .._kernels._ops import check_supported, defining_class, Unsupported
+from .._kernels._recurrent import estimated_costs, recurrent_hessian_diagonal
+from .._kernels._vjp import outer_diagonal
 from .._losses import AbstractElementwiseLoss, AbstractLoss, AbstractStepwiseLoss, split_batch
-from ._checks import (
+from .._run._checks import (
     cached,
     check_batch,
     check_key,
@@ -22,14 +28,8 @@ from ._checks import (
     raise_non_finite,
     split_trainable,
 )
-from ._devices import check_mesh, place_batch, replicate
-from ._generic import generic_hessian_diagonal, generic_per_sample_hessian_diagonal
-from ._hutchinson import hutchinson_kernel
-from ._layers import check_supported, defining_class, Unsupported
-from ._memory import DEFAULT_MEMORY_BUDGET
-from ._outer import outer_diagonal
-from ._recurrent import estimated_costs, recurrent_hessian_diagonal
-from ._structured import structured_diagonal
+from .._run._devices import check_mesh, place_batch, replicate
+from .._run._memory import DEFAULT_MEMORY_BUDGET
 
 
 _METHODS = ("auto", "structured", "generic")

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import PyTree
 
-from ._devices import split_lanes
-from ._memory import bytes_per_lane, chunk_from_budget
-from ._progress import report
+from .._run._devices import split_lanes
+from .._run._memory import bytes_per_lane, chunk_from_budget
+from .._run._progress import report
 
 
 @eqx.filter_jit

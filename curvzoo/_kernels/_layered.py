@@ -52,7 +52,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
 from ._factors import output_factor
-from ._layers import describe, Elementwise, Linear, ParamLayer
+from ._ops import describe, Elementwise, Linear, ParamLayer
 from ._samples import cast_like, sum_over_samples, trained_mask
 
 

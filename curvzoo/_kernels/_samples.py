@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from ._memory import bytes_per_lane, chunk_from_budget
-from ._progress import report
+from .._run._memory import bytes_per_lane, chunk_from_budget
+from .._run._progress import report
 
 
 def trained_mask(params: PyTree) -> PyTree:
