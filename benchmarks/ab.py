@@ -4,7 +4,14 @@ import statistics
 import sys
 
 from . import rows as rows_
-from .trees import baseline_worktree, REPO_ROOT, resolve_commit, run_worker, staged_benchmarks
+from .trees import (
+    baseline_worktree,
+    has_local_changes,
+    REPO_ROOT,
+    resolve_commit,
+    run_worker,
+    staged_benchmarks,
+)
 
 
 def run_ab(ref: str, rows: list[str], options, rounds: int) -> dict:
@@ -12,11 +19,11 @@ def run_ab(ref: str, rows: list[str], options, rounds: int) -> dict:
     side in a process of its own per round, alternating which side goes first, with
     the same (copied) benchmark code on both sides. The worktree is removed afterwards.
 
-    **Returns:** `{"curvzoo_files", "baseline_ref", "baseline_commit", "current_commit",
-    "rounds", "figures", "results"}`: `curvzoo_files` says where each side's workers
-    imported `curvzoo` from (each checked against its tree), `figures` holds, per row and
-    headline figure, the medians over rounds of both sides, `results` every worker's
-    full figures.
+    **Returns:** a dict: `curvzoo_files` (where each side's workers imported `curvzoo`
+    from, each checked against its tree), `baseline_ref`, `baseline_commit`,
+    `current_commit`, `current_changed` (uncommitted changes under `curvzoo/`),
+    `rounds`, `figures` (per row and headline figure, the medians over rounds of both
+    sides) and `results` (every worker's full figures).
     """
     results = {row: {"baseline": [], "current": []} for row in rows}
     with baseline_worktree(ref) as (baseline, commit), staged_benchmarks() as home:
@@ -59,6 +66,7 @@ def run_ab(ref: str, rows: list[str], options, rounds: int) -> dict:
         "baseline_ref": ref,
         "baseline_commit": commit,
         "current_commit": resolve_commit("HEAD"),
+        "current_changed": has_local_changes(),
         "rounds": rounds,
         "figures": figures,
         "results": results,

@@ -216,7 +216,8 @@ def format_ab(report: dict) -> str:
         "its own process per round",
         f"  baseline curvzoo: {', '.join(report['curvzoo_files']['baseline'])}",
         f"  current curvzoo:  {', '.join(report['curvzoo_files']['current'])} "
-        f"(HEAD {report['current_commit'][:12]} and uncommitted changes)",
+        f"(HEAD {report['current_commit'][:12]}"
+        + (", with uncommitted changes in curvzoo/)" if report["current_changed"] else ")"),
         header,
         "-" * len(header),
     ]

@@ -91,6 +91,12 @@ def resolve_commit(ref: str) -> str:
         raise ValueError(f"`--ab {ref}` names no commit of {REPO_ROOT}") from None
 
 
+def has_local_changes(path: str = "curvzoo") -> bool:
+    """Whether the working tree differs from `HEAD` under `path` (uncommitted or
+    untracked files)."""
+    return bool(_git("status", "--porcelain", "--", path))
+
+
 @contextlib.contextmanager
 def baseline_worktree(ref: str):
     """A detached `git worktree` of `ref` in a new temporary folder (outside the

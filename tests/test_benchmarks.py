@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import pytest
 from benchmarks import cli, rows
-from benchmarks.formatting import format_results
+from benchmarks.formatting import format_ab, format_results
 from benchmarks.hvp import hvp_diagonal_prefix, kernel_chunk
 from benchmarks.options import Options
 from benchmarks.rows import scaling
@@ -157,3 +157,21 @@ def test_ab_worker_imports_the_baseline_tree():
         ["git", "-C", str(REPO_ROOT), "worktree", "list"], capture_output=True, text=True
     ).stdout
     assert str(path) not in listed
+
+
+def test_ab_table():
+    report = {
+        "curvzoo_files": {"baseline": ["/tmp/x/baseline/curvzoo/__init__.py"], "current": ["c"]},
+        "baseline_ref": "HEAD~1",
+        "baseline_commit": "a" * 40,
+        "current_commit": "b" * 40,
+        "current_changed": False,
+        "rounds": 3,
+        "figures": [
+            {"row": "ratios", "figure": "GGN", "unit": "ms", "baseline": 4.0, "current": 3.0}
+        ],
+    }
+    text = format_ab(report)
+    assert "HEAD~1 (aaaaaaaaaaaa)" in text and "/tmp/x/baseline/curvzoo" in text
+    assert "uncommitted" not in text
+    assert text.splitlines()[-1].split()[-3:] == ["4", "3", "0.750"]
