@@ -176,8 +176,9 @@ def measure_cell(hidden: int, steps: int, options: Options, grid: list[dict]) ->
 def measure(row: str, options: Options) -> dict:
     """Every cell of the grid, smallest first. Cost: per cell, up to about twice
     `options.scaling_cap` seconds for each kernel, more where one sample alone takes
-    longer, plus compilation: about 10 minutes for the default grid on 2 CPU cores
-    (the structured kernel at hidden 256, T = 128 takes about 30 minutes in full)."""
+    longer, plus compilation: an estimated 10-15 minutes for the default grid on 2 CPU
+    cores, from the cells' measured times (the structured kernel at hidden 256,
+    T = 128 alone would take about 30 minutes in full; one sample takes about one)."""
     import sys
 
     grid = []
