@@ -2,7 +2,7 @@
 
 from importlib import metadata as _metadata
 
-from . import analysis as analysis, losses as losses
+from . import analysis as analysis, losses as losses, optim as optim
 from ._api._functions import (
     empirical_fisher_diagonal as empirical_fisher_diagonal,
     fisher_diagonal as fisher_diagonal,
