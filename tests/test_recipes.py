@@ -83,7 +83,16 @@ def test_diagonal_newton(capsys, tmp_path):
     assert (tmp_path / "diagonal_newton.png").exists()
     for kind, losses in result["losses"].items():
         assert losses[-1] < 0.5 * losses[0], kind
-    assert "AdaHessian (1 probe)" in capsys.readouterr().out
+    # The diagonal misses most of the curvature along the Newton step at the start, and
+    # the trust radius keeps the exact-diagonal optimiser's first steps from blowing up
+    # (without it, the first step multiplied the loss by 5.5 in float32, 8 in float64;
+    # with it the loss wobbles by at most about 15% early on, as Adam's does).
+    check = result["overshoot"]
+    assert check["pHp"] > 10 * check["diagonal_pHp"]
+    assert check["loss_after_step"] > 2 * check["loss"] > check["loss_after_clipped_step"]
+    assert max(result["losses"]["newton"][1:]) < 1.5 * result["losses"]["newton"][0]
+    out = capsys.readouterr().out
+    assert "AdaHessian (1 probe)" in out and "highest" in out
 
 
 def test_laplace(capsys, tmp_path):
@@ -93,20 +102,6 @@ def test_laplace(capsys, tmp_path):
     # Uncertainty grows away from the data, in the gap between its two intervals.
     assert std["gap"] > std["data"]
     assert "prior precision" in capsys.readouterr().out
-
-
-def test_diagonal_newton_first_step():
-    """With both moments bias-corrected, the first update is `-lr * g / (|d| + eps)`."""
-    import jax.numpy as jnp
-
-    module = _load("diagonal_newton")
-    optimiser = module.diagonal_newton(0.5, eps=1e-2)
-    params = {"w": jnp.array([1.0, -2.0, 3.0])}
-    grads = {"w": jnp.array([0.3, -0.6, 0.9])}
-    curvature = {"w": jnp.array([2.0, -4.0, 0.5])}
-    updates, _ = optimiser.update(grads, optimiser.init(params), params, curvature=curvature)
-    expected = -0.5 * grads["w"] / (jnp.abs(curvature["w"]) + 1e-2)
-    assert jnp.allclose(updates["w"], expected, rtol=1e-12)
 
 
 def test_laplace_evidence_is_exact_for_an_orthogonal_linear_model():
