@@ -17,6 +17,19 @@ from ._models import (
     MLP as MLP,
     RNN as RNN,
 )
+from ._spectral._density import (
+    spectral_density as spectral_density,
+    SpectralDensity as SpectralDensity,
+)
+from ._spectral._eigenvalues import (
+    Eigenpairs as Eigenpairs,
+    hessian_eigenvalues as hessian_eigenvalues,
+)
+from ._spectral._operators import (
+    ggn_operator as ggn_operator,
+    hessian_operator as hessian_operator,
+)
+from ._spectral._trace import hessian_trace as hessian_trace, TraceEstimate as TraceEstimate
 
 
 try:

@@ -131,6 +131,46 @@ def summarize(diagonal: PyTree, model: eqx.Module | None = None, *, top_k: int =
     return dict(trace=trace, leaves=leaves, groups=groups, kinds=kinds, top=top)
 
 
+def trace(diagonal: PyTree, model: eqx.Module | None = None) -> dict:
+    """The exact trace of a curvature matrix from its exact diagonal, in total and split
+    by leaf, by group and by kind as [`curvzoo.analysis.summarize`][] splits it.
+
+    The trace of the Hessian is the sum of its eigenvalues and of its diagonal, so
+    `trace(curvzoo.hessian_diagonal(model, loss, batch), model)` is exact, where
+    [`curvzoo.hessian_trace`][] estimates it from products (for models whose diagonal
+    is costly).
+
+    **Arguments:**
+
+    - `diagonal`: a diagonal shaped like a model, such as the result of
+        [`curvzoo.hessian_diagonal`][] or [`curvzoo.ggn_diagonal`][]; `None` leaves
+        (frozen) are skipped.
+    - `model`: the model it belongs to, for the named groups of a zoo `RNN` (its gates
+        and kinds of weight) and the shape check of [`curvzoo.analysis.summarize`][];
+        without it every leaf is its own group.
+
+    **Returns:** a dict of floats: `"total"`, the trace; `"leaves"`, `{path: trace of
+    that leaf's diagonal block}`; `"groups"`, `{name: trace}` per named group; `"kinds"`,
+    `{kind: trace}` (for an RNN: `input`, `recurrent`, `bias`, `readout`). The parts of
+    each split add up to the total.
+
+    **Example:**
+
+    ```python
+    traces = curvzoo.analysis.trace(model.hessian_diagonal(loss, batch), model)
+    traces["total"], traces["groups"]["recurrent.update"]
+    ```
+    """
+    summary = summarize(diagonal, model, top_k=0)
+    return dict(
+        total=summary["trace"],
+        **{
+            part: {name: stats["sum"] for name, stats in summary[part].items()}
+            for part in ("leaves", "groups", "kinds")
+        },
+    )
+
+
 def _top(leaf: np.ndarray, k: int):
     """The `k` entries of `leaf` with the largest absolute values, as `(index, value)`."""
     if k == 0 or leaf.size == 0:

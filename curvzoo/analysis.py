@@ -5,4 +5,5 @@ from ._analysis import (
     format_summary as format_summary,
     statistics as statistics,
     summarize as summarize,
+    trace as trace,
 )

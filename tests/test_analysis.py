@@ -117,3 +117,24 @@ def test_diagonals_that_do_not_fit_the_model_are_refused(getkey):
     summary = cz.analysis.summarize(zero, model)
     assert summary["trace"] == 0 and summary["groups"]["input.reset"]["trace_share"] is None
     cz.analysis.format_summary(summary)
+
+
+def test_trace_splits_by_leaf_group_and_kind(getkey):
+    """On a row-coded GRU, each gate's share of a stacked matrix is known in closed form:
+    rows `g H .. (g + 1) H - 1`, each repeated over the matrix's columns."""
+    hidden, inputs = 3, 2
+    model = cz.RNN(inputs, hidden, 4, cell="gru", key=getkey())
+    coded = _row_coded(model)
+    traces = cz.analysis.trace(coded, model)
+    total = sum(float(jnp.sum(leaf)) for leaf in jax.tree.leaves(coded))
+    assert traces["total"] == total
+    for part in ("leaves", "groups", "kinds"):
+        np.testing.assert_allclose(sum(traces[part].values()), total)
+    update_rows = sum(range(hidden, 2 * hidden))
+    assert traces["groups"]["input.update"] == update_rows * inputs
+    assert traces["groups"]["recurrent.update"] == update_rows * hidden
+    assert traces["leaves"][".cell.weight_ih"] == sum(range(3 * hidden)) * inputs
+    plain = cz.analysis.trace(coded)  # without a model: one group per leaf
+    assert plain["groups"]["cell.weight_hh"] == sum(range(3 * hidden)) * hidden
+    with pytest.raises(ValueError, match="`diagonal` holds no arrays"):
+        cz.analysis.trace({"a": None})

@@ -1,0 +1,210 @@
+"""The checks and the preparation that every spectral function shares.
+
+Each check raises a `TypeError` or `ValueError` naming the argument, before any heavy
+work. The argument checks themselves are the shared ones of `curvzoo._run._checks`;
+what is particular to the spectral functions (the choice of operator, the GGN's need
+for a curvzoo loss, the batch split over a mesh) is here.
+"""
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import PyTree
+
+from .._losses import AbstractLoss, split_batch
+from .._run._checks import (
+    check_batch,
+    check_loss,
+    check_model,
+    check_positive_int,
+    raise_non_finite,
+    split_trainable,
+)
+from .._run._devices import check_mesh, replicate
+from .._run._memory import DEFAULT_MEMORY_BUDGET
+
+
+OPERATORS = ("hessian", "ggn")
+
+
+def require(module: str) -> ModuleType:
+    """Import an optional dependency of the spectral tools, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(
+            f"this function needs `{module}`, which is not installed; install curvzoo's "
+            'spectral extra with `pip install "curvzoo[spectral]"`.'
+        ) from error
+
+
+def check_bool(value: Any, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
+def check_number(value: Any, name: str, *, positive: bool) -> float:
+    """A real, finite Python number: `> 0` with `positive`, else `>= 0`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+    value = float(value)
+    if not np.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value}.")
+    return value
+
+
+def require_per_sample_form(loss: Any, operator: str) -> None:
+    """The GGN is `scale * sum_n J_n^T H_n J_n`, built from the loss's split into
+    `predict` and `per_sample`; a plain callable does not expose that split."""
+    if operator != "ggn":
+        return
+    if not isinstance(loss, AbstractLoss):
+        raise TypeError(
+            "`operator='ggn'` needs a curvzoo loss (`curvzoo.losses.*` or a subclass of "
+            "`curvzoo.losses.AbstractLoss`), which exposes its split into a prediction and "
+            f"a per-sample loss; got a custom callable of type {type(loss).__name__}. Use "
+            "`operator='hessian'` for any callable loss."
+        )
+    for klass in type(loss).__mro__:
+        if "__call__" in vars(klass):
+            if klass is not AbstractLoss:
+                raise ValueError(
+                    f"`loss` ({type(loss).__name__}) overrides `__call__`; the GGN is built "
+                    "from the loss's per-sample form, `scale * sum of "
+                    "per_sample(predict(model, inputs))`, which `__call__` then need not "
+                    "compute. Use `operator='hessian'`."
+                )
+            break
+
+
+def _check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> tuple | None:
+    """Trace `loss(model, batch)` (no compute): it must return a real scalar, and a
+    curvzoo loss's targets must fit its predictions (their values too, when concrete).
+
+    **Returns:** for a curvzoo loss the shape of the batch of predictions, else `None`.
+    """
+    prediction_shape = None
+    if isinstance(loss, AbstractLoss):
+        prediction_shape = tuple(loss.prediction_shape(model, batch))
+        targets = split_batch(batch)[1]
+        if not isinstance(targets, jax.core.Tracer):
+            loss.check_values(prediction_shape, np.asarray(targets))
+    out = eqx.filter_eval_shape(loss, model, batch)
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+        shape = getattr(out, "shape", None)
+        got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
+        raise ValueError(f"`loss` must return a scalar, but `loss(model, batch)` gives {got}.")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"`loss` must return a real floating-point scalar, got dtype {out.dtype}.")
+    return prediction_shape
+
+
+def _place_batch(batch: PyTree, mesh: Mesh | None, size: int) -> PyTree:
+    """The batch split along its leading axis over all of the mesh's devices, so that
+    the sums over samples in every product become all-reduces (leaves already on the
+    mesh keep their sharding)."""
+    if mesh is None:
+        return batch
+    if size % mesh.size:
+        raise ValueError(
+            f"`batch` has {size} samples, which `mesh` cannot split evenly over its "
+            f"{mesh.size} devices; use a batch size divisible by {mesh.size}."
+        )
+    sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+
+    def place(leaf):
+        current = getattr(leaf, "sharding", None)
+        if not eqx.is_array(leaf) or (isinstance(current, NamedSharding) and current.mesh == mesh):
+            return leaf
+        return jax.device_put(leaf, sharding)
+
+    return jax.tree.map(place, batch)
+
+
+@eqx.filter_jit
+def _finite_flags(tree: PyTree) -> jax.Array:
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if eqx.is_inexact_array(leaf)]
+    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+
+
+def check_finite_inputs(model: eqx.Module, batch: PyTree) -> None:
+    """Raise a `ValueError` naming the first leaf of `model` or `batch` that holds NaN
+    or inf (one compiled pass and a few bytes to the host; skipped under a trace)."""
+    tree = (model, batch)
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if eqx.is_inexact_array(leaf)]
+    if not leaves or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return
+    if not np.asarray(_finite_flags(tree)).all():
+        raise_non_finite({"model": model, "batch": batch})
+
+
+def check_finite_result(values: jax.Array, name: str) -> None:
+    """Raise where the inputs were finite but the result is not (the loss or its
+    derivatives overflow); skipped under a trace."""
+    if isinstance(values, jax.core.Tracer) or np.all(np.isfinite(np.asarray(values))):
+        return
+    raise ValueError(
+        f"the result came out non-finite: `{name}` holds NaN or inf although `model` and "
+        "`batch` are finite, so the loss or its derivatives overflow at this point (a log "
+        "of zero, say). Pass `check_finite=False` to get the raw result."
+    )
+
+
+class Problem(NamedTuple):
+    """What every spectral function needs once the arguments are checked."""
+
+    model: eqx.Module  # replicated on `mesh` when one is given
+    params: PyTree  # the trained leaves; `None` elsewhere
+    static: PyTree
+    batch: PyTree  # split over `mesh` when one is given
+    scale: float | None  # the loss's reduction factor, for the GGN
+    size: int  # `P`, the number of trained parameters
+    memory_budget: int
+
+
+def prepare(
+    model: Any,
+    loss: Any,
+    batch: Any,
+    *,
+    operator: Any,
+    filter_spec: Any,
+    memory_budget: Any,
+    check_finite: Any,
+    mesh: Any,
+) -> Problem:
+    """The checks that every spectral function shares, in the order a user would fix
+    them, then the model and the batch placed on `mesh`."""
+    check_model(model)
+    check_mesh(model, mesh)
+    check_loss(loss)
+    check_choice(operator, "operator", OPERATORS)
+    require_per_sample_form(loss, operator)
+    size = check_batch(batch)
+    check_positive_int(memory_budget, "memory_budget", allow_none=True)
+    check_bool(check_finite, "check_finite")
+    model = replicate(model, mesh)
+    params, static = split_trainable(model, filter_spec)
+    prediction_shape = _check_loss_output(loss, model, batch)
+    if check_finite:
+        check_finite_inputs(model, batch)
+    scale = None
+    if operator == "ggn":
+        scale = float(loss.scale(prediction_shape[0], prediction_shape[1:]))
+    batch = _place_batch(batch, mesh, size)
+    count = sum(int(np.prod(jnp.shape(leaf))) for leaf in jax.tree.leaves(params))
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    return Problem(model, params, static, batch, scale, count, budget)
