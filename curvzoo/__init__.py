@@ -3,13 +3,15 @@
 from importlib import metadata as _metadata
 
 from . import analysis as analysis, losses as losses, optim as optim
-from ._api._functions import (
+from ._api._family import (
     empirical_fisher_diagonal as empirical_fisher_diagonal,
     fisher_diagonal as fisher_diagonal,
     ggn_diagonal as ggn_diagonal,
-    hessian_diagonal as hessian_diagonal,
-    hutchinson_diagonal as hutchinson_diagonal,
 )
+from ._api._hessian import hessian_diagonal as hessian_diagonal
+from ._api._hutchinson import hutchinson_diagonal as hutchinson_diagonal
+from ._api._plan import plan as plan
+from ._dispatch._plan import Plan as Plan
 from ._models import (
     AbstractModel as AbstractModel,
     CNN as CNN,

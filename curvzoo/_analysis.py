@@ -1,6 +1,7 @@
 """Summaries of a diagonal PyTree: per leaf, per named group, the trace and the top
 entries, as plain data (dicts, lists and floats) and as an aligned table."""
 
+import functools
 from typing import Any
 
 import equinox as eqx
@@ -27,6 +28,15 @@ def statistics(values: Any) -> dict:
         fraction_negative=float(np.mean(values < 0)),
         sum=float(values.sum()),
     )
+
+
+@functools.singledispatch
+def parameter_groups(model, tree: PyTree) -> dict | None:
+    """Named groups of the entries of `tree` (shaped like `model`): a dict from group
+    name to a 1-D array, registered per model type (the zoo `RNN` splits its gates);
+    `None` for a model type without groups, whose leaves are then the groups."""
+    del model, tree
+    return None
 
 
 def _named_leaves(diagonal: PyTree) -> list[tuple[str, np.ndarray]]:
@@ -111,9 +121,8 @@ def summarize(diagonal: PyTree, model: eqx.Module | None = None, *, top_k: int =
     for name, leaf in named:
         leaves[name] = _with_share(statistics(leaf), trace)
         leaves[name]["shape"] = tuple(leaf.shape)
-    if model is not None and hasattr(model, "parameter_groups"):
-        grouped = model.parameter_groups(diagonal)
-    else:
+    grouped = None if model is None else parameter_groups(model, diagonal)
+    if grouped is None:
         grouped = {name.lstrip("."): leaf for name, leaf in named}
     groups = {name: _with_share(statistics(values), trace) for name, values in grouped.items()}
     by_kind: dict[str, list] = {}

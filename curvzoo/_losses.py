@@ -10,7 +10,9 @@ the sum over samples by (`scale`). For every curvzoo loss
 """
 
 import abc
+import dataclasses
 import math
+import weakref
 
 import equinox as eqx
 import jax
@@ -20,6 +22,10 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar
 
 
 _REDUCTIONS = ("mean", "sum")
+# Filled in at the end of this module: each loss class's `Capabilities`, and the base
+# classes whose closed forms are written in terms of `per_sample`.
+_CAPABILITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BASES: tuple | None = None
 
 
 def split_batch(batch: PyTree) -> tuple[PyTree, PyTree]:
@@ -48,6 +54,11 @@ class AbstractLoss(eqx.Module):
     """
 
     reduction: eqx.AbstractVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if _BASES is not None:
+            _CAPABILITIES[cls] = _work_out(cls)
 
     def __check_init__(self):
         if self.reduction not in _REDUCTIONS:
@@ -342,3 +353,119 @@ mse = MSE()
 binary_cross_entropy_with_logits = BCEWithLogits()
 """`BCEWithLogits(reduction="mean")`: the mean over all elements of binary
 cross-entropy on logits."""
+
+
+# ## What the fast kernels may read from a loss class, worked out once per class
+#
+# The structured kernels and the GGN family do not call `loss(model, batch)`: they
+# rebuild it from `predict`, `per_sample`, `scale` and the closed-form curvature
+# (`output_hessian_factor`, `element_curvature`, `output_hessian_step_factor`). That is
+# only the loss itself when those pieces belong together: a subclass that overrides
+# `__call__`, or `per_sample` while inheriting a closed form written for its parent's
+# `per_sample`, must not be rebuilt. Each class's verdict is worked out when the class
+# is created, so that dispatch is a lookup.
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What the fast kernels may read from one loss class; each field is `None` where
+    they may, or the reason they may not."""
+
+    structured: dict  # quantity ("hessian", "ggn", "gradients") -> reason
+    stepwise: str | None  # the recurrent kernel's per-step factor
+    own_call: str | None  # `__call__` is the per-sample form (the GGN family)
+    factor: str | None  # the loss-Hessian factor belongs to `per_sample`
+    sampler: str | None  # `sample_targets` exists and belongs to `per_sample`
+
+
+# The closed-form pieces each quantity reads.
+_PIECES = {
+    "hessian": ("element_curvature", "output_hessian_factor", "output_hessian_step_factor"),
+    "ggn": ("output_hessian_factor",),
+    "gradients": (),
+}
+
+
+def _defining_class(cls: type, name: str) -> type | None:
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return klass
+    return None
+
+
+def _inherited(cls: type, name: str) -> str | None:
+    """Why `cls`'s method `name` may not belong to its `per_sample`: it comes from a
+    class whose `per_sample` a subclass has overridden. `None` if it belongs."""
+    where = _defining_class(cls, name)
+    # `__mro__`, not `issubclass`: during class creation `abc`'s subclass check of the
+    # new class still reads its parent's cache.
+    if where is None or where in _BASES or _defining_class(cls, "per_sample") in where.__mro__:
+        return None
+    return (
+        f"`loss` ({cls.__name__}) overrides `per_sample` but inherits `{name}` from "
+        f"{where.__name__}, which may not match it"
+    )
+
+
+def _factor_mismatch(cls: type, quantity: str) -> str | None:
+    names = _PIECES[quantity]
+    if quantity == "ggn" and _defining_class(cls, names[0]) is AbstractElementwiseLoss:
+        names = ("element_curvature",)  # the factor is built from it
+    for name in names:
+        reason = _inherited(cls, name)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _work_out(cls: type) -> Capabilities:
+    overridden = [
+        name for name in ("__call__", "predict") if _defining_class(cls, name) is not AbstractLoss
+    ]
+    structured = {}
+    for quantity in _PIECES:
+        if overridden:
+            structured[quantity] = (
+                f"`loss` ({cls.__name__}) overrides `{overridden[0]}`, which the structured "
+                "kernels do not call"
+            )
+        else:
+            structured[quantity] = _factor_mismatch(cls, quantity)
+    own_call = None
+    if "__call__" in overridden:
+        own_call = (
+            f"`loss` ({cls.__name__}) overrides `__call__`; {{name}} works from the loss's "
+            "per-sample form, `scale * sum of per_sample(predict(model, inputs))`, which "
+            "`__call__` then need not compute."
+        )
+    stepwise = None
+    if AbstractStepwiseLoss not in cls.__mro__:
+        stepwise = (
+            f"`loss` ({cls.__name__}) defines no per-step Hessian factor (it is not an "
+            "`AbstractStepwiseLoss`), which the recurrent kernel needs"
+        )
+    sampler = _inherited(cls, "sample_targets")
+    if sampler is None and not callable(getattr(cls, "sample_targets", None)):
+        sampler = (
+            f"`loss` ({cls.__name__}) for {{name}} needs a method "
+            "`sample_targets(key, prediction)` that draws one sample's targets from the "
+            "model's predictive distribution; the curvzoo losses define it."
+        )
+    return Capabilities(structured, stepwise, own_call, _factor_mismatch(cls, "ggn"), sampler)
+
+
+def capabilities(loss: AbstractLoss) -> Capabilities:
+    """The capabilities of `loss`'s class (a lookup)."""
+    return _CAPABILITIES[type(loss)]
+
+
+_BASES = (AbstractLoss, AbstractElementwiseLoss)
+
+
+def _register_existing(cls: type) -> None:
+    for sub in cls.__subclasses__():
+        _CAPABILITIES[sub] = _work_out(sub)
+        _register_existing(sub)
+
+
+_register_existing(AbstractLoss)

@@ -161,24 +161,24 @@ def make_batch(model, loss_name, key, batch_size=BATCH_SIZE):
 def spy_kernels(monkeypatch) -> list:
     """Record which kernel each curvature call runs: the returned list gains
     `"generic"`, `"structured"`, `"recurrent"` or `"outer"` (vector-Jacobian products
-    for the GGN family) per kernel call."""
-    from curvzoo._api import _functions as _api
+    for the GGN family) per call, read off the plan that the call runs."""
+    from curvzoo._run import _execute
 
+    names = {
+        "generic": "generic",
+        "layered": "structured",
+        "recurrent": "recurrent",
+        "vjp": "outer",
+    }
     calls = []
-    for name in (
-        "generic_hessian_diagonal",
-        "generic_per_sample_hessian_diagonal",
-        "structured_diagonal",
-        "recurrent_hessian_diagonal",
-        "outer_diagonal",
-    ):
-        original = getattr(_api, name)
+    original = _execute.prepare
 
-        def spy(*args, _kind=name.split("_")[0], _original=original, **kwargs):
-            calls.append(_kind)
-            return _original(*args, **kwargs)
+    def spy(*args, **kwargs):
+        prepared = original(*args, **kwargs)
+        calls.append(names[prepared.plan.kernel])
+        return prepared
 
-        monkeypatch.setattr(_api, name, spy)
+    monkeypatch.setattr(_execute, "prepare", spy)
     return calls
 
 

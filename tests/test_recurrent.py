@@ -138,18 +138,20 @@ def test_auto_picks_the_faster_kernel_by_cost(getkey, monkeypatch):
     """A long sequence through a tiny cell is cheaper for the generic kernel (one
     Hessian-vector product per parameter, few parameters); the benchmark's GRU shape is
     far cheaper for the structured one. (Decision only; timings live in the benchmark.)"""
-    from curvzoo._kernels._recurrent import estimated_costs
 
-    calls = spy_kernels(monkeypatch)
+    def estimates(model, loss, batch):
+        return [cz.plan(model, loss, batch, method=m).seconds for m in ("structured", "generic")]
 
     tiny = cz.RNN(1, 2, 1, "elman", "last", key=getkey())
     batch = _batch(tiny, "mse", getkey(), 2, 300)
-    structured, generic = estimated_costs(tiny, batch, 11)
+    structured, generic = estimates(tiny, cz.losses.mse, batch)
     assert structured > generic
-    tiny.hessian_diagonal(cz.losses.mse, batch)
     gru = cz.RNN(8, 64, 10, "gru", "last", key=getkey())
-    structured, generic = estimated_costs(gru, (jnp.zeros((32, 16, 8)), None), 14730)
+    labels = jnp.zeros(32, jnp.int32)
+    structured, generic = estimates(gru, cz.losses.cross_entropy, (jnp.zeros((32, 16, 8)), labels))
     assert 20 * structured < generic
+    calls = spy_kernels(monkeypatch)
+    tiny.hessian_diagonal(cz.losses.mse, batch)
     small_gru = cz.RNN(2, 3, 2, "gru", "last", key=getkey())
     small_gru.hessian_diagonal(cz.losses.cross_entropy, _batch(small_gru, "ce", getkey(), 2, 3))
     assert calls == ["generic", "recurrent"]

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
-from curvzoo._kernels._ops import describe
+from curvzoo._dispatch._structures import describe
 
 from .helpers import (
     assert_diagonal_close,
@@ -135,7 +135,7 @@ def test_layer_chain_reproduces_the_model(getkey):
     ):
         x = jr.normal(getkey(), (model.in_size,) if isinstance(model, cz.MLP) else (2, 12, 12))
         u = x
-        for op in describe(model):
+        for op in describe(model, x).ops:
             u = op.apply(model, u)
         assert jnp.array_equal(u, model(x))
 
@@ -156,9 +156,22 @@ def test_auto_dispatch(getkey, monkeypatch):
     mlp.hessian_diagonal(custom, make_batch(mlp, "ce", getkey()))
     softmax_mlp = cz.MLP(3, 2, 4, 1, activation=jax.nn.softmax, key=getkey())
     softmax_mlp.hessian_diagonal(cz.losses.cross_entropy, make_batch(mlp, "ce", getkey()))
+    unregistered = _Residual(eqx.nn.Linear(3, 2, key=getkey()))
+    cz.hessian_diagonal(unregistered, cz.losses.mse, (jnp.zeros((2, 3)), jnp.zeros((2, 2))))
+    assert calls == ["structured", "structured", "generic", "generic", "generic"]
+    # `eqx.nn.MLP` registers its structure, so it takes the structured kernel too.
     model = eqx.nn.MLP(3, 2, 4, 1, key=getkey())
     cz.hessian_diagonal(model, cz.losses.mse, (jnp.zeros((2, 3)), jnp.zeros((2, 2))))
-    assert calls == ["structured", "structured", "generic", "generic", "generic"]
+    assert calls[-1] == "structured"
+
+
+class _Residual(eqx.Module):
+    """A model type with no registered structure."""
+
+    layer: eqx.nn.Linear
+
+    def __call__(self, x):
+        return self.layer(x) + x[:2]
 
 
 def test_forced_structured_names_the_unsupported_part(getkey):
@@ -172,8 +185,8 @@ def test_forced_structured_names_the_unsupported_part(getkey):
         softmax_mlp.hessian_diagonal(
             cz.losses.cross_entropy, make_batch(mlp, "ce", getkey()), method="structured"
         )
-    model = eqx.nn.MLP(3, 2, 4, 1, key=getkey())
-    with pytest.raises(ValueError, match="`method='structured'`.*MLP"):
+    model = _Residual(eqx.nn.Linear(3, 2, key=getkey()))
+    with pytest.raises(ValueError, match="`method='structured'`.*_Residual"):
         cz.hessian_diagonal(
             model, cz.losses.mse, (jnp.zeros((2, 3)), jnp.zeros((2, 2))), method="structured"
         )

@@ -8,111 +8,104 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import PyTree
 
-from .._run._devices import split_lanes
-from .._run._memory import bytes_per_lane, chunk_from_budget
-from .._run._progress import report
+from ._lanes import chunked
 
 
-@eqx.filter_jit
-def generic_hessian_diagonal(
-    params: PyTree,
-    static: PyTree,
-    loss: Callable,
-    batch: PyTree,
-    chunk_size: int | None,
-    memory_budget: int,
-    basis_limit: int | None = None,
-    progress: bool = False,
-    mesh=None,
-) -> PyTree:
-    """Exact `diag(H)` of `loss(combine(params, static), batch)` w.r.t. `params`.
+LABEL = "Hessian diagonal (generic): chunks of entries"
 
-    The trainable leaves are raveled into one vector of length `P`. One linearisation
-    of the gradient (`jax.linearize(jax.grad(f))`: a forward and a backward pass whose
-    residuals are kept) turns every Hessian-vector product into a tangent evaluation
-    (forward-over-reverse) that reuses them. `H[i, i] = (H e_i)[i]` is evaluated for
-    one-hot `e_i`, `jax.vmap`ped over `chunk_size` basis vectors at a time and mapped
-    over chunks with `jax.lax.map`, so no `P x P` matrix is ever built.
 
-    Cost: `P` Hessian-vector products, each the work of one to two gradients.
-    Memory: the shared linearisation (a few copies of the activations for the batch)
-    plus, per basis vector in a chunk, two length-`P` vectors and the tangents of one
-    Hessian-vector product. With `chunk_size=None` the chunk is the largest whose
-    per-chunk working set, measured on the traced product, fits `memory_budget`.
-    This runs at trace time only; calls with the same shapes reuse the compiled code.
+def hessian_vector_product(params: PyTree, static: PyTree, loss: Callable, batch: PyTree):
+    """`(flat, unravel, hvp)`: the trainable leaves raveled into one vector `flat`, and
+    `hvp(v) = H v` for the Hessian of `loss(combine(unravel(flat), static), batch)`.
 
-    `basis_limit` (for benchmarks only) evaluates just the first `basis_limit` diagonal
-    entries and leaves the rest zero: the kernel's cost is exactly linear in the number
-    of entries, so timing a prefix measures the whole at large `P`.
-    """
+    One linearisation of the gradient (`jax.linearize(jax.grad(f))`: a forward and a
+    backward pass whose residuals are kept) turns every product into a tangent
+    evaluation (forward-over-reverse) that reuses them."""
     flat, unravel = ravel_pytree(params)
-    size = flat.size
 
     def loss_of_flat(vector):
         return loss(eqx.combine(unravel(vector), static), batch)
 
     _, hvp = jax.linearize(jax.grad(loss_of_flat), flat)
-    if chunk_size is None:
-        chunk_size = chunk_from_budget(bytes_per_lane(hvp, flat), size, memory_budget)
-    chunk_size = min(chunk_size, size)
+    return flat, unravel, hvp
 
-    count = size if basis_limit is None else min(basis_limit, size)
-    label = "Hessian diagonal (generic): chunks of entries"
 
-    def diagonal_entry(index):
-        basis = jax.nn.one_hot(index, size, dtype=flat.dtype)
-        return hvp(basis)[index]
+def generic_hessian_diagonal(
+    params: PyTree,
+    static: PyTree,
+    loss: Callable,
+    batch: PyTree,
+    *,
+    chunk: int,
+    progress: bool = False,
+    mesh=None,
+) -> PyTree:
+    """Exact `diag(H)` of `loss(combine(params, static), batch)` w.r.t. `params`.
 
-    # `jax.lax.map(..., batch_size=chunk)`, written out to report progress per chunk and
-    # to split each chunk's basis vectors over the devices of `mesh`.
-    chunk = min(chunk_size, count)
-    if mesh is not None and chunk >= mesh.size:
-        chunk -= chunk % mesh.size
-    num_full = count // chunk
-    num_chunks = num_full + int(num_full * chunk < count)
+    `H[i, i] = (H e_i)[i]` is evaluated for one-hot `e_i`, `jax.vmap`ped over `chunk`
+    basis vectors at a time and mapped over chunks, so no `P x P` matrix is ever built;
+    with a `mesh`, each chunk's basis vectors are split over its devices.
 
-    def chunk_entries(_, indexed):
-        index, entries = indexed
-        report(progress, label, index, num_chunks)
-        return None, jax.vmap(diagonal_entry)(split_lanes(entries, mesh))
+    Cost: `P` Hessian-vector products, each the work of one to two gradients, plus one
+    linearisation. Memory: the shared linearisation (a few copies of the activations
+    for the batch) plus, per basis vector in a chunk, two length-`P` vectors and the
+    tangents of one Hessian-vector product.
+    """
+    flat, unravel, hvp = hessian_vector_product(params, static, loss, batch)
+    size = flat.size
 
-    entries = jnp.arange(num_full * chunk).reshape(num_full, chunk)
-    _, diagonal = jax.lax.scan(chunk_entries, None, (jnp.arange(num_full), entries))
-    diagonal = diagonal.reshape(-1)
-    if num_full * chunk < count:
-        report(progress, label, num_full, num_chunks, after=diagonal)
-        rest = jax.vmap(diagonal_entry)(jnp.arange(num_full * chunk, count))
-        diagonal = jnp.concatenate([diagonal, rest])
-    if count < size:
-        diagonal = jnp.concatenate([diagonal, jnp.zeros(size - count, diagonal.dtype)])
+    def entries(indices, mask):
+        del mask  # padded lanes repeat entry 0; `chunked` drops them
+
+        def entry(index):
+            return hvp(jax.nn.one_hot(index, size, dtype=flat.dtype))[index]
+
+        return jax.vmap(entry)(indices)
+
+    diagonal = chunked(
+        entries,
+        jnp.arange(size),
+        chunk,
+        reduce="stack",
+        dtype=flat.dtype,
+        mesh=mesh,
+        progress=progress,
+        label=LABEL,
+    )
     return unravel(diagonal)
 
 
-@eqx.filter_jit
 def generic_per_sample_hessian_diagonal(
     params: PyTree,
     static: PyTree,
     loss: Callable,
     batch: PyTree,
-    chunk_size: int | None,
-    memory_budget: int,
+    *,
+    chunk: int,
     progress: bool = False,
+    mesh=None,
 ) -> PyTree:
     """The generic kernel on each sample's one-sample batch in turn: `diag` of
     `loss(model, batch_n)` for every `n`, stacked on a new leading axis.
 
     Cost: `P` Hessian-vector products of a one-sample loss per sample, `N P` in all (about
-    the work of `P` products on the whole batch); samples run one after another
-    (`jax.lax.map`), so memory is that of the generic kernel on one sample plus the
-    `N x P` result.
+    the work of `P` products on the whole batch); samples run one after another, so
+    memory is that of the generic kernel on one sample plus the `N x P` result.
     """
+    del mesh  # the samples run one after another; each one's basis is not split
     arrays, other = eqx.partition(batch, eqx.is_array)
-    num = jax.tree.leaves(arrays)[0].shape[0]
 
-    def one(indexed):
-        index, sample = indexed
-        report(progress, "Hessian diagonal (generic, per sample): samples", index, num)
-        single = eqx.combine(jax.tree.map(lambda leaf: leaf[None], sample), other)
-        return generic_hessian_diagonal(params, static, loss, single, chunk_size, memory_budget)
+    def one_sample(sample, mask):
+        del mask
+        single = eqx.combine(sample, other)
+        diagonal = generic_hessian_diagonal(params, static, loss, single, chunk=chunk)
+        return jax.tree.map(lambda leaf: leaf[None], diagonal)
 
-    return jax.lax.map(one, (jnp.arange(num), arrays))
+    return chunked(
+        one_sample,
+        arrays,
+        1,
+        reduce="stack",
+        progress=progress,
+        label="Hessian diagonal (generic, per sample): samples",
+    )

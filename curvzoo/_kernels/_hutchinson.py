@@ -11,12 +11,10 @@ part of the network's own second derivatives, typically far smaller than that of
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
-from .._run._devices import split_lanes
-from .._run._memory import bytes_per_lane, chunk_from_budget
-from .._run._progress import report
+from ._generic import hessian_vector_product
+from ._lanes import chunked
 
 
 def _merge(a, b):
@@ -24,24 +22,49 @@ def _merge(a, b):
     count_a, mean_a, m2_a = a
     count_b, mean_b, m2_b = b
     count = count_a + count_b
+    safe = jnp.maximum(count, 1)
     delta = mean_b - mean_a
-    mean = mean_a + delta * (count_b / count)
-    m2 = m2_a + m2_b + delta**2 * (count_a * count_b / count)
+    mean = mean_a + delta * (count_b / safe)
+    m2 = m2_a + m2_b + delta**2 * (count_a * count_b / safe)
     return count, mean, m2
 
 
-@eqx.filter_jit
+def probe_product(params, static, loss, batch, scale, subtract_ggn: bool):
+    """`(flat, unravel, product)`: the trainable leaves raveled, and `product(z) = A z`
+    for `A = H`, or with `subtract_ggn` `A = H - G`."""
+    flat, unravel, hvp = hessian_vector_product(params, static, loss, batch)
+    if not subtract_ggn:
+        return flat, unravel, hvp
+
+    def model_of(vector):
+        return eqx.combine(unravel(vector), static)
+
+    inputs, targets = batch[0], batch[1]
+    predictions, jvp = jax.linearize(lambda v: loss.predict(model_of(v), inputs), flat)
+    vjp = jax.linear_transpose(jvp, flat)
+
+    def outer_loss(prediction):
+        return scale * jnp.sum(jax.vmap(loss.per_sample)(prediction, targets))
+
+    _, out_hvp = jax.linearize(jax.grad(outer_loss), predictions)
+
+    def product(z):
+        return hvp(z) - vjp(out_hvp(jvp(z)))[0]
+
+    return flat, unravel, product
+
+
 def hutchinson_kernel(
     params: PyTree,
     static: PyTree,
     loss,
     batch: PyTree,
-    scale: float,
+    *,
+    scale,
     key: Array,
     num_probes: int,
     subtract_ggn: bool,
-    chunk_size: int | None,
-    memory_budget: int,
+    chunk: int,
     progress: bool = False,
     mesh=None,
 ) -> tuple[PyTree, PyTree]:
@@ -49,7 +72,7 @@ def hutchinson_kernel(
     error, for `A = H` or (with `subtract_ggn`) `A = H - G`.
 
     Probe `i` is drawn from `jax.random.split(key, num_probes)[i]`, so the probes do
-    not depend on `chunk_size` (the result only through rounding).
+    not depend on `chunk` (the result only through rounding).
 
     Cost: one Hessian-vector product per probe (forward over reverse on one shared
     linearisation of the gradient), plus with `subtract_ggn` one Gauss-Newton-vector
@@ -58,64 +81,35 @@ def hutchinson_kernel(
     parameter-sized vectors; the statistics are merged chunk by chunk (Chan's update),
     so memory does not grow with `num_probes`.
     """
-    flat, unravel = ravel_pytree(params)
+    flat, unravel, product = probe_product(params, static, loss, batch, scale, subtract_ggn)
     size = flat.size
-
-    def model_of(vector):
-        return eqx.combine(unravel(vector), static)
-
-    _, hvp = jax.linearize(jax.grad(lambda v: loss(model_of(v), batch)), flat)
-    if subtract_ggn:
-        inputs, targets = batch
-        predictions, jvp = jax.linearize(lambda v: loss.predict(model_of(v), inputs), flat)
-        vjp = jax.linear_transpose(jvp, flat)
-
-        def outer_loss(prediction):
-            return scale * jnp.sum(jax.vmap(loss.per_sample)(prediction, targets))
-
-        _, out_hvp = jax.linearize(jax.grad(outer_loss), predictions)
-
-        def product(z):
-            return hvp(z) - vjp(out_hvp(jvp(z)))[0]
-    else:
-        product = hvp
+    # Statistics in at least float32, whatever the parameters' precision.
+    stat_dtype = jnp.promote_types(flat.dtype, jnp.float32)
 
     def probe(k):
         z = jax.random.rademacher(k, (size,), dtype=flat.dtype)
         return z * product(z)
 
-    # Statistics in at least float32, whatever the parameters' precision.
-    stat_dtype = jnp.promote_types(flat.dtype, jnp.float32)
-
-    def statistics(chunk_keys):
-        samples = jax.vmap(probe)(split_lanes(chunk_keys, mesh)).astype(stat_dtype)
-        mean = jnp.mean(samples, axis=0)
-        m2 = jnp.sum((samples - mean) ** 2, axis=0)
-        return jnp.asarray(samples.shape[0], stat_dtype), mean, m2
-
-    keys = jax.random.split(key, num_probes)
-    if chunk_size is None:
-        chunk_size = chunk_from_budget(bytes_per_lane(probe, keys[0]), num_probes, memory_budget)
-    chunk_size = min(chunk_size, num_probes)
-    if mesh is not None and chunk_size >= mesh.size:
-        chunk_size -= chunk_size % mesh.size
-    num_full = num_probes // chunk_size
-    full = keys[: num_full * chunk_size].reshape(num_full, chunk_size, *keys.shape[1:])
-
-    remainder = num_full * chunk_size < num_probes
-    num_chunks = num_full + int(remainder)
-
-    def accumulate(carry, indexed):
-        index, chunk_keys = indexed
-        report(progress, "Hutchinson: chunks of probes", index, num_chunks)
-        return _merge(carry, statistics(chunk_keys)), None
+    def statistics(chunk_keys, mask):
+        samples = jax.vmap(probe)(chunk_keys).astype(stat_dtype)
+        weights = mask.astype(stat_dtype)[:, None]
+        count = jnp.sum(mask).astype(stat_dtype)
+        mean = jnp.sum(weights * samples, axis=0) / jnp.maximum(count, 1)
+        m2 = jnp.sum(weights * (samples - mean) ** 2, axis=0)
+        return count, mean, m2
 
     zeros = jnp.zeros(size, stat_dtype)
     start = (jnp.zeros((), stat_dtype), zeros, zeros)
-    stats, _ = jax.lax.scan(accumulate, start, (jnp.arange(num_full), full))
-    if remainder:
-        report(progress, "Hutchinson: chunks of probes", num_full, num_chunks, after=stats[0])
-        stats = _merge(stats, statistics(keys[num_full * chunk_size :]))
-    count, mean, m2 = stats
+    count, mean, m2 = chunked(
+        statistics,
+        jax.random.split(key, num_probes),
+        chunk,
+        reduce=_merge,
+        init=start,
+        dtype=stat_dtype,
+        mesh=mesh,
+        progress=progress,
+        label="Hutchinson: chunks of probes",
+    )
     stderr = jnp.sqrt(m2 / jnp.maximum(count - 1, 1) / count)
     return unravel(mean.astype(flat.dtype)), unravel(stderr.astype(flat.dtype))

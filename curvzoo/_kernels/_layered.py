@@ -43,7 +43,7 @@ Each layer with parameters then takes the cheaper exact route:
 """
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -52,8 +52,8 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
 from ._factors import output_factor
-from ._ops import describe, Elementwise, Linear, ParamLayer
-from ._samples import cast_like, sum_over_samples, trained_mask
+from ._ops import Elementwise, Linear, ParamLayer
+from ._samples import AbstractSampleKernel, trained_mask
 
 
 @dataclasses.dataclass
@@ -216,24 +216,11 @@ def _per_sample(model, ops, trainable, loss, quantity, x, y):
     return pieces
 
 
-@eqx.filter_jit
-def structured_diagonal(
-    params: PyTree,
-    static: PyTree,
-    loss,
-    batch: PyTree,
-    scale: float,
-    chunk_size: int | None,
-    memory_budget: int,
-    quantity: str = "hessian",
-    keep_samples: bool = False,
-    progress: bool = False,
-) -> PyTree:
+class LayeredKernel(AbstractSampleKernel):
     """Exact `diag(H)` of a curvzoo loss for a layered model, by Hessian
     backpropagation (see the module docstring); with `quantity="ggn"` or
     `"gradients"` the same without residuals, from that quantity's output columns
-    (`_factors.py`). `scale` multiplies the sum over samples; `keep_samples=True`
-    returns one diagonal per sample on a new leading axis instead of the sum.
+    (`_factors.py`).
 
     Cost, per sample: a forward and a backward pass, the loss Hessian's `C` columns
     pulled down through every layer (`C` extra backward passes, as matrix products),
@@ -241,49 +228,50 @@ def structured_diagonal(
     a full Jacobian product (`d^3` for width `d`) per residual two or more dense layers
     up, and for a convolution either `C` weight gradients (reverse) or one tangent per
     parameter pushed through the layers above until the next available state
-    (forward). The batch contraction of a dense layer is one matrix product.
-    Memory: samples are processed in chunks of `chunk_size` (from `memory_budget`
-    when `None`), each holding its states and tangents; nothing grows with the batch.
+    (forward). The batch contraction of a dense layer is one matrix product over the
+    chunk. Memory: one chunk's states and tangents; nothing grows with the batch.
     """
-    model = eqx.combine(params, static)
-    ops = describe(model)
-    mask_tree = trained_mask(params)
-    trainable = [
-        i
-        for i, op in enumerate(ops)
-        if isinstance(op, ParamLayer) and any(jax.tree.leaves(op.layer(mask_tree)))
-    ]
-    layers = [_split_layer(ops[i], model) for i in trainable]
 
-    def per_sample(x, y):
-        return _per_sample(model, ops, trainable, loss, quantity, x, y)
+    ops: tuple = eqx.field(static=True)
+    trainable: tuple = eqx.field(static=True)  # indices of the ops with trained arrays
+    quantity: str = eqx.field(static=True)
+    label: ClassVar[str] = "structured kernel"
 
-    def contract(pieces, inputs, mask):
+    def pieces(self, params, static, loss, sample):
+        x, y = sample[0], sample[1]
+        model = eqx.combine(params, static)
+        return _per_sample(model, self.ops, self.trainable, loss, self.quantity, x, y)
+
+    def contract(self, params, static, pieces, samples, mask):
+        model = eqx.combine(params, static)
         sums = []
-        for piece, (lp, ls) in zip(pieces, layers):
-            if isinstance(piece, _DensePiece):  # the batch in one matrix product
-                layer_of = lambda p, ls=ls: eqx.combine(p, ls)  # noqa: E731
-                _, vjp = jax.vjp(lambda p: jax.vmap(layer_of(p))(piece.squared_inputs), lp)
+        for index, piece in zip(self.trainable, pieces):
+            if isinstance(piece, _DensePiece):  # the chunk in one matrix product
+                params, static = _split_layer(self.ops[index], model)
+                layer_of = lambda p, static=static: eqx.combine(p, static)  # noqa: E731
+                _, vjp = jax.vjp(lambda p: jax.vmap(layer_of(p))(piece.squared_inputs), params)
                 sums.append(vjp(piece.hz * mask[:, None])[0])
             else:
                 sums.append(jax.tree.map(lambda leaf: jnp.tensordot(mask, leaf, axes=1), piece))
         return sums
 
-    dtype = jnp.result_type(*jax.tree.leaves(params))
-    totals = sum_over_samples(
-        (jnp.asarray(batch[0]), jnp.asarray(batch[1])),
-        per_sample,
-        contract,
-        scale,
-        chunk_size,
-        memory_budget,
-        dtype,
-        keep_samples=keep_samples,
-        progress=progress,
-        label="structured kernel",
-    )
+    def assemble(self, params, static, totals):
+        model = eqx.combine(params, static)
+        # With per-sample totals the leaves carry a leading sample axis; tree_at does
+        # not mind.
+        layers = [_split_layer(self.ops[i], model)[1] for i in self.trainable]
+        diagonals = [eqx.combine(total, static) for total, static in zip(totals, layers)]
+        full = eqx.tree_at(
+            lambda m: [self.ops[i].layer(m) for i in self.trainable], model, diagonals
+        )
+        return eqx.filter(full, trained_mask(params))
 
-    # With `keep_samples` the leaves carry a leading sample axis; tree_at does not mind.
-    diagonals = [eqx.combine(total, ls) for total, (_, ls) in zip(totals, layers)]
-    full = eqx.tree_at(lambda m: [ops[i].layer(m) for i in trainable], model, diagonals)
-    return cast_like(eqx.filter(full, mask_tree), params)
+
+def trainable_ops(ops: tuple, mask_tree) -> tuple:
+    """The indices of the ops whose layer holds a trained array (`mask_tree`: bools
+    shaped like the model)."""
+    return tuple(
+        i
+        for i, op in enumerate(ops)
+        if isinstance(op, ParamLayer) and any(jax.tree.leaves(op.layer(mask_tree)))
+    )

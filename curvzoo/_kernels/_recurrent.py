@@ -64,14 +64,13 @@ samples are processed in chunks that fit `memory_budget`.
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import PyTree
 
-from ._samples import cast_like, sum_over_samples, trained_mask
+from ._samples import AbstractSampleKernel, trained_mask
 
 
 # ## Cells as node inputs and unit updates
@@ -86,6 +85,11 @@ class RecurrentChain:
     cell: Callable[[Any], Any]
     head: Callable[[Any], Any]
     readout: str
+
+    def parts(self, model) -> tuple:
+        """The modules whose arrays the kernel differentiates (every trained array of
+        the model must be in one)."""
+        return (self.cell(model), self.head(model))
 
 
 _SLOTS = {"elman": 1, "gru": 7, "lstm": 5}
@@ -300,36 +304,6 @@ def _diagonals(chain: RecurrentChain, model, pieces, xs):
     return cell_diag, head_diag
 
 
-def estimated_costs(model, batch, num_params: int) -> tuple[float, float]:
-    """Multiply-adds of the structured and the generic kernel for a zoo RNN, from shapes.
-
-    Structured, per sample: `T^2 n^3` (impulse responses), `2 T n^3` (the backward sweep),
-    `T^2 n H q (m + q)` (same-unit blocks and node cross terms) and `T^2 H^2 q m` (mixed
-    terms), with `n = q H`. Generic: `P` Hessian-vector products, counted as six forward
-    passes (two gradients) each, a forward pass costing `T G H (in + H)` for `G` gate
-    blocks. On the
-    benchmark grid (2 CPU cores) both kernels ran at 5-55 GFLOP/s by these counts, the
-    structured one at 0.4-1.2 times the generic one's rate.
-    """
-    chain = model._recurrent_chain()
-    cell = chain.cell(model)
-    kind = chain.kind
-    inputs = jnp.asarray(batch[0]) if not hasattr(batch[0], "shape") else batch[0]
-    num, steps = inputs.shape[0], inputs.shape[1]
-    hidden, in_size = cell.hidden_size, cell.input_size
-    q, m = _STATE_PER_UNIT[kind], _SLOTS[kind]
-    gates = len(_IH_SLOTS[kind])
-    n = q * hidden
-    structured = num * (
-        steps**2 * n**3
-        + 2 * steps * n**3
-        + steps**2 * n * hidden * q * (m + q)
-        + steps**2 * hidden**2 * q * m
-    )
-    generic = num_params * num * steps * gates * hidden * (in_size + hidden) * 6
-    return float(structured), float(generic)
-
-
 def _replace(module, values: dict):
     names = list(values)
     return eqx.tree_at(
@@ -337,50 +311,29 @@ def _replace(module, values: dict):
     )
 
 
-@eqx.filter_jit
-def recurrent_hessian_diagonal(
-    params: PyTree,
-    static: PyTree,
-    loss,
-    batch: PyTree,
-    scale: float,
-    chunk_size: int | None,
-    memory_budget: int,
-    keep_samples: bool = False,
-    progress: bool = False,
-) -> PyTree:
-    """Exact `diag(H)` of a curvzoo loss for a zoo RNN (see the module docstring).
-    `scale` multiplies the sum over samples; `keep_samples=True` returns one diagonal
-    per sample on a new leading axis instead of the sum."""
-    model = eqx.combine(params, static)
-    chain = model._recurrent_chain()
+class RecurrentKernel(AbstractSampleKernel):
+    """Exact `diag(H)` of a curvzoo loss for a zoo RNN (see the module docstring)."""
 
-    def per_sample(x, y):
-        return _per_sample(chain, model, loss, x, y)
+    chain: RecurrentChain = eqx.field(static=True)
+    label: ClassVar[str] = "recurrent kernel"
 
-    def contract(pieces, inputs, mask):
+    def pieces(self, params, static, loss, sample):
+        x, y = sample[0], sample[1]
+        return _per_sample(self.chain, eqx.combine(params, static), loss, x, y)
+
+    def contract(self, params, static, pieces, samples, mask):
         K, mixed, h_prev, hs, cols, weights = pieces
         weighted = (K * mask[:, None, None, None, None], mixed * mask[:, None, None, None],
                     h_prev, hs, cols, weights * mask[:, None, None])  # fmt: skip
-        return _diagonals(chain, model, weighted, inputs)
+        return _diagonals(self.chain, eqx.combine(params, static), weighted, samples[0])
 
-    dtype = _state_dtype(chain.cell(model), jnp.asarray(batch[0]))
-    inputs, targets = (jnp.asarray(leaf) for leaf in batch)
-    cell_diag, head_diag = sum_over_samples(
-        (inputs, targets),
-        per_sample,
-        contract,
-        scale,
-        chunk_size,
-        memory_budget,
-        dtype,
-        keep_samples=keep_samples,
-        progress=progress,
-        label="recurrent kernel",
-    )
-    full = eqx.tree_at(
-        lambda mod: (chain.cell(mod), chain.head(mod)),
-        model,
-        (_replace(chain.cell(model), cell_diag), _replace(chain.head(model), head_diag)),
-    )
-    return cast_like(eqx.filter(full, trained_mask(params)), params)
+    def assemble(self, params, static, totals):
+        model = eqx.combine(params, static)
+        chain = self.chain
+        cell_diag, head_diag = totals
+        full = eqx.tree_at(
+            lambda mod: (chain.cell(mod), chain.head(mod)),
+            model,
+            (_replace(chain.cell(model), cell_diag), _replace(chain.head(model), head_diag)),
+        )
+        return eqx.filter(full, trained_mask(params))

@@ -1,13 +1,31 @@
-"""Sums over samples in chunks, shared by the kernels that work sample by sample."""
+"""The protocol of the sample-wise kernels, and the one driver that runs them.
 
-from collections.abc import Callable
+A sample-wise kernel computes `scale * sum_n d_n`, a sum over samples of a per-sample
+diagonal (or, with `keep_samples`, the `d_n` themselves). It says three things, and the
+driver does the rest (chunking, masking the padding, the scale, the dtype):
 
+- `pieces(params, static, loss, sample)`: whatever one sample contributes, from that
+  sample alone (`sample` is one sample's slice of the batch: `(x, y)`, or
+  `(x, y, length)`; the model is `eqx.combine(params, static)`, `params` its trained
+  arrays);
+- `contract(params, static, pieces, samples, mask)`: a chunk's pieces (stacked on a
+  leading axis) summed into totals, each sample weighted by `mask` (0 for padding).
+  Dense layers contract here, over the whole chunk in one matrix product;
+- `assemble(params, static, totals)`: the totals placed into the structure of `params`
+  (that of `eqx.filter(model, filter_spec)`, `None` at frozen leaves).
+
+Adding a kernel is one subclass; the plan (`curvzoo.plan`) picks it.
+"""
+
+import abc
+from typing import Any
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from .._run._memory import bytes_per_lane, chunk_from_budget
-from .._run._progress import report
+from ._lanes import chunked
 
 
 def trained_mask(params: PyTree) -> PyTree:
@@ -21,106 +39,76 @@ def cast_like(result: PyTree, params: PyTree) -> PyTree:
     return jax.tree.map(lambda leaf, param: leaf.astype(param.dtype), result, params)
 
 
-def _first(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda leaf: leaf[0], tree)
+def _expand(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda leaf: leaf[None], tree)
 
 
-def sample_chunks(
-    per_sample: Callable, inputs, targets, chunk_size: int | None, memory_budget: int, dtype
-):
-    """Split a batch `(inputs, targets)` (PyTrees of arrays with a leading batch axis)
-    into equal chunks of samples for `jax.lax.scan`.
+class AbstractSampleKernel(eqx.Module):
+    """A kernel that is a sum over samples of independent contributions.
 
-    With `chunk_size=None` the chunk is the largest whose per-sample working set
-    (measured on `per_sample`'s traced intermediates) fits `memory_budget`. Chunks are
-    as even as possible; the last is padded by repeating the first sample, and `mask`
-    (`(num_chunks, chunk)` of `dtype`, 1 for real samples, 0 for padding) says which is
-    which.
-
-    **Returns:** `(chunked_inputs, chunked_targets, mask)`, each with leading axes
-    `(num_chunks, chunk)`.
+    Subclasses hold only static data (the model's structure, which layers are trained,
+    the quantity), so that two equal kernels share compiled code.
     """
-    num = jax.tree.leaves(inputs)[0].shape[0]
-    if chunk_size is None:
-        lane = bytes_per_lane(lambda xy: per_sample(*xy), (_first(inputs), _first(targets)))
-        chunk_size = chunk_from_budget(lane, num, memory_budget)
-    num_chunks = -(-num // min(chunk_size, num))
-    chunk_size = -(-num // num_chunks)
-    padded = num_chunks * chunk_size
 
-    def chunked(leaf):
-        extra = padded - leaf.shape[0]
-        if extra:
-            leaf = jnp.concatenate([leaf, jnp.repeat(leaf[:1], extra, axis=0)])
-        return leaf.reshape(num_chunks, chunk_size, *leaf.shape[1:])
+    label: eqx.AbstractClassVar[str]
 
-    mask = (jnp.arange(padded) < num).astype(dtype).reshape(num_chunks, chunk_size)
-    return jax.tree.map(chunked, inputs), jax.tree.map(chunked, targets), mask
+    @abc.abstractmethod
+    def pieces(self, params: PyTree, static: PyTree, loss, sample: PyTree) -> PyTree:
+        """One sample's contribution, before the contraction over samples."""
+
+    @abc.abstractmethod
+    def contract(self, params: PyTree, static: PyTree, pieces: PyTree, samples: PyTree, mask):
+        """The mask-weighted sum of a chunk's stacked `pieces`."""
+
+    @abc.abstractmethod
+    def assemble(self, params: PyTree, static: PyTree, totals: PyTree) -> PyTree:
+        """`totals` (each leaf possibly with a leading sample axis) placed into the
+        structure of `params` (`None` at frozen leaves)."""
 
 
-def sum_over_samples(
+def run_sample_kernel(
+    kernel: AbstractSampleKernel,
+    params: PyTree,
+    static: PyTree,
+    loss: Any,
     batch: PyTree,
-    per_sample: Callable,
-    contract: Callable,
-    scale: float,
-    chunk_size: int | None,
-    memory_budget: int,
-    dtype,
     *,
+    scale,
+    chunk: int,
     keep_samples: bool = False,
     progress: bool = False,
-    label: str = "samples",
+    mesh=None,
 ) -> PyTree:
-    """`scale * sum over chunks of contract(pieces, inputs, mask)`, or with
-    `keep_samples=True` the same per sample, stacked on a new leading axis.
+    """`scale * sum_n d_n` (or, with `keep_samples`, every `scale * d_n` on a new
+    leading axis) for a sample-wise `kernel`, in chunks of `chunk` samples.
 
-    `batch` is `(inputs, targets)`. `per_sample(x, y)` gives one sample's pieces;
-    `contract(pieces, inputs, mask)` turns a chunk's stacked pieces into a PyTree of
-    sums over that chunk, weighting each sample by `mask` (0 for padding). Chunks are
-    scanned, so memory holds one chunk at a time (plus, with `keep_samples`, the
-    stacked result).
+    `batch` is a PyTree of arrays sharing the leading sample axis. Memory holds one
+    chunk's pieces at a time (plus, with `keep_samples`, the stacked result).
     """
-    inputs, targets = batch
-    chunks = sample_chunks(per_sample, inputs, targets, chunk_size, memory_budget, dtype)
+    dtype = jnp.result_type(*jax.tree.leaves(params))
 
-    def chunk_sum(x, y, mask):
-        return contract(jax.vmap(per_sample)(x, y), x, mask)
+    def per_sample(sample):
+        return kernel.pieces(params, static, loss, sample)
 
-    def sample_results(x, y, mask):
+    def chunk_sum(samples, mask):
+        return kernel.contract(params, static, jax.vmap(per_sample)(samples), samples, mask)
+
+    def chunk_stack(samples, mask):
         # Each sample as a chunk of one: the same contraction, so no second code path.
-        def one(piece, xi, mi):
-            expand = lambda tree: jax.tree.map(lambda leaf: leaf[None], tree)  # noqa: E731
-            return contract(expand(piece), expand(xi), mi[None])
+        def one(piece, sample, weight):
+            return kernel.contract(params, static, _expand(piece), _expand(sample), weight[None])
 
-        return jax.vmap(one)(jax.vmap(per_sample)(x, y), x, mask)
+        return jax.vmap(one)(jax.vmap(per_sample)(samples), samples, mask)
 
-    num_chunks = chunks[-1].shape[0]  # the mask, `(num_chunks, chunk)`
-
-    def tell(index):
-        report(progress, f"{label}: chunks of samples", index, num_chunks)
-
-    if keep_samples:
-
-        def stacked_chunk(indexed):
-            index, chunk = indexed
-            tell(index)
-            return sample_results(*chunk)
-
-        stacked = jax.lax.map(stacked_chunk, (jnp.arange(num_chunks), chunks))
-        num = jax.tree.leaves(inputs)[0].shape[0]
-        return jax.tree.map(lambda leaf: scale * leaf.reshape(-1, *leaf.shape[2:])[:num], stacked)
-
-    def accumulate(total, indexed):
-        index, chunk = indexed
-        tell(index)
-        return jax.tree.map(jnp.add, total, chunk_sum(*chunk)), None
-
-    if num_chunks == 1:  # one chunk: no loop, so XLA can fuse across it
-        tell(0)
-        total = chunk_sum(*_first(chunks))
-    else:
-        zeros = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_sum, *_first(chunks))
-        )
-        total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_chunks), chunks))
-    return jax.tree.map(lambda leaf: scale * leaf, total)
+    totals = chunked(
+        chunk_stack if keep_samples else chunk_sum,
+        batch,
+        chunk,
+        reduce="stack" if keep_samples else "sum",
+        dtype=dtype,
+        mesh=mesh,
+        progress=progress,
+        label=f"{kernel.label}: chunks of samples",
+    )
+    totals = jax.tree.map(lambda leaf: scale * leaf, totals)
+    return cast_like(kernel.assemble(params, static, totals), params)

@@ -5,13 +5,9 @@ from typing import no_type_check
 import equinox as eqx
 from jaxtyping import Array, PyTree
 
-from .._api._functions import (
-    empirical_fisher_diagonal,
-    fisher_diagonal,
-    ggn_diagonal,
-    hessian_diagonal,
-    hutchinson_diagonal,
-)
+from .._api._family import empirical_fisher_diagonal, fisher_diagonal, ggn_diagonal
+from .._api._hessian import hessian_diagonal
+from .._api._hutchinson import hutchinson_diagonal
 
 
 class AbstractModel(eqx.Module):

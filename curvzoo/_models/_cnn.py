@@ -5,7 +5,8 @@ import jax
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._kernels._ops import Elementwise, Linear, make_param_layer, make_pool
+from .._dispatch._structures import Layered, param_layer, pool, structure
+from .._kernels._ops import Elementwise, Linear
 from ._base import AbstractModel
 
 
@@ -134,16 +135,18 @@ class CNN(AbstractModel):
             x = self.pool(self.activation(conv(x)))
         return self.head(x.reshape(-1))
 
-    def _layer_ops(self) -> list:
-        """The chain of operations, for the structured kernel."""
-        ops = []
-        for i in range(len(self.convs)):
-            ops.append(make_param_layer(lambda m, i=i: m.convs[i], self, f"convs[{i}]"))
-            ops.append(Elementwise(self.activation, "activation"))
-            ops.append(make_pool(self.pool))
-        ops.append(Linear(_flatten, "flatten", keeps_diagonal=True))
-        ops.append(make_param_layer(lambda m: m.head, self, "head"))
-        return ops
+
+@structure.register(CNN)
+def _structure(model: CNN, example) -> Layered:
+    del example
+    ops = []
+    for i in range(len(model.convs)):
+        ops.append(param_layer(lambda m, i=i: m.convs[i], model, f"convs[{i}]"))
+        ops.append(Elementwise(model.activation, "activation"))
+        ops.append(pool(model.pool))
+    ops.append(Linear(_flatten, "flatten", keeps_diagonal=True))
+    ops.append(param_layer(lambda m: m.head, model, "head"))
+    return Layered(tuple(ops))
 
 
 def _flatten(x):

@@ -5,7 +5,8 @@ import jax
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._kernels._ops import Elementwise, make_param_layer
+from .._dispatch._structures import Layered, param_layer, structure
+from .._kernels._ops import Elementwise
 from ._base import AbstractModel
 
 
@@ -96,11 +97,13 @@ class MLP(AbstractModel):
             x = self.activation(layer(x))
         return self.layers[-1](x)
 
-    def _layer_ops(self) -> list:
-        """The chain of operations, for the structured kernel."""
-        ops = []
-        for i in range(len(self.layers)):
-            ops.append(make_param_layer(lambda m, i=i: m.layers[i], self, f"layers[{i}]"))
-            if i < len(self.layers) - 1:
-                ops.append(Elementwise(self.activation, "activation"))
-        return ops
+
+@structure.register(MLP)
+def _structure(model: MLP, example) -> Layered:
+    del example
+    ops = []
+    for i in range(len(model.layers)):
+        ops.append(param_layer(lambda m, i=i: m.layers[i], model, f"layers[{i}]"))
+        if i < len(model.layers) - 1:
+            ops.append(Elementwise(model.activation, "activation"))
+    return Layered(tuple(ops))

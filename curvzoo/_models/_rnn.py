@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._analysis import parameter_groups
+from .._dispatch._structures import Recurrent, structure
 from .._kernels._recurrent import RecurrentChain
 from ._base import AbstractModel
 
@@ -181,7 +183,7 @@ class RNN(AbstractModel):
 
         **Returns:** a dict from group name to a 1-D array of that group's entries.
         """
-        kind = self._recurrent_chain().kind
+        kind = _KINDS[type(self.cell)]
         gates = _GATE_NAMES[kind]
         cell = tree.cell
         groups: dict[str, list] = {}
@@ -204,7 +206,17 @@ class RNN(AbstractModel):
                 groups[f"readout.{name}"] = [leaf.reshape(-1)]
         return {name: jnp.concatenate(parts) for name, parts in groups.items()}
 
-    def _recurrent_chain(self) -> RecurrentChain:
-        """The recurrent structure, for the structured kernel."""
-        kind = {ElmanCell: "elman", eqx.nn.GRUCell: "gru", eqx.nn.LSTMCell: "lstm"}[type(self.cell)]
-        return RecurrentChain(kind, lambda m: m.cell, lambda m: m.head, self.readout)
+
+_KINDS = {ElmanCell: "elman", eqx.nn.GRUCell: "gru", eqx.nn.LSTMCell: "lstm"}
+
+
+@structure.register(RNN)
+def _structure(model: RNN, example) -> Recurrent:
+    del example
+    kind = _KINDS[type(model.cell)]
+    return Recurrent(RecurrentChain(kind, lambda m: m.cell, lambda m: m.head, model.readout))
+
+
+@parameter_groups.register(RNN)
+def _groups(model: RNN, tree) -> dict:
+    return model.parameter_groups(tree)

@@ -4,7 +4,6 @@ Each raises a `ValueError` or `TypeError` that names the offending argument, bef
 heavy work (shapes are checked by tracing, not by running the model).
 """
 
-import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -13,8 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
-
-from .._losses import AbstractLoss
 
 
 def _is_array(x: Any) -> bool:
@@ -55,11 +52,26 @@ def check_batch(batch: PyTree) -> int:
         name = "batch" + jax.tree_util.keystr(path)
         if jnp.ndim(leaf) == 0:
             raise ValueError(
-                f"every array in `batch` needs a leading batch axis, but `{name}` is a scalar."
+                f"every array in `batch` needs a leading batch axis, but `{name}` is a "
+                "scalar. Pass arrays that are not per-sample (class weights, an anchor, an "
+                "`eqx.nn.State`) with `args=` instead, or as array fields of a loss module."
+            )
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+            raise TypeError(
+                f"`{name}` is complex ({jnp.result_type(leaf)}); curvzoo computes the "
+                "curvature of a real loss: pass real arrays (real and imaginary parts as "
+                "two real arrays)."
             )
         sizes[name] = jnp.shape(leaf)[0]
     if not sizes:
-        raise ValueError("`batch` holds no arrays; pass e.g. `(inputs, targets)`.")
+        plain = [leaf for _, leaf in leaves if isinstance(leaf, (int, float, list, tuple))]
+        hint = (
+            " It holds Python numbers: convert them with `jnp.asarray`, e.g. "
+            "`(jnp.asarray(inputs), jnp.asarray(targets))`."
+            if plain
+            else ""
+        )
+        raise ValueError(f"`batch` holds no arrays; pass e.g. `(inputs, targets)`.{hint}")
     if len(set(sizes.values())) > 1:
         listing = ", ".join(f"{name}: {size}" for name, size in sizes.items())
         raise ValueError(
@@ -81,7 +93,9 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> No
         raise ValueError(f"`{name}` must be >= 1, got {value}.")
 
 
-def split_trainable(model: eqx.Module, filter_spec: PyTree | Callable) -> tuple:
+def split_trainable(
+    model: eqx.Module, filter_spec: PyTree | Callable, *, nothing_ok: bool = False
+) -> tuple:
     """Partition `model` into `(params, static)`.
 
     `params` holds the leaves that `filter_spec` selects and that are floating-point
@@ -105,7 +119,7 @@ def split_trainable(model: eqx.Module, filter_spec: PyTree | Callable) -> tuple:
         params, static = eqx.partition(
             model, lambda leaf: eqx.is_inexact_array(leaf) and filter_spec(leaf)
         )
-        if not jax.tree.leaves(params):
+        if not (nothing_ok or jax.tree.leaves(params)):
             raise ValueError(_NOTHING_TO_DIFFERENTIATE)
         return params, static
     try:
@@ -118,80 +132,36 @@ def split_trainable(model: eqx.Module, filter_spec: PyTree | Callable) -> tuple:
         ) from None
     params, frozen = eqx.partition(params, eqx.is_inexact_array)
     static = eqx.combine(static, frozen)
-    if not jax.tree.leaves(params):
+    if not (nothing_ok or jax.tree.leaves(params)):
         raise ValueError(_NOTHING_TO_DIFFERENTIATE)
     return params, static
+
+
+def trained(model: eqx.Module, filter_spec: PyTree | Callable) -> tuple[bool, ...]:
+    """One bool per leaf of `model` (in `jax.tree.leaves` order): whether `filter_spec`
+    selects it for differentiation (and it is a floating-point array). Raises as
+    `split_trainable` does, and for complex leaves, whose curvature is not what the
+    functions compute."""
+    if filter_spec is eqx.is_inexact_array:  # the default: no partition needed
+        mask = tuple(eqx.is_inexact_array(leaf) for leaf in jax.tree.leaves(model))
+    else:
+        params, _ = split_trainable(model, filter_spec, nothing_ok=True)
+        mask = tuple(jax.tree.leaves(jax.tree.map(lambda _, p: p is not None, model, params)))
+    if not any(mask):
+        raise ValueError(_NOTHING_TO_DIFFERENTIATE)
+    for (path, leaf), selected in zip(jax.tree_util.tree_flatten_with_path(model)[0], mask):
+        if selected and jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+            raise TypeError(
+                f"`model{jax.tree_util.keystr(path)}` is complex ({leaf.dtype}); curvzoo "
+                "computes the curvature of a real loss in real parameters. Split it into "
+                "real and imaginary parts (two real leaves), or freeze it with `filter_spec`."
+            )
+    return mask
 
 
 _NOTHING_TO_DIFFERENTIATE = (
     "`filter_spec` leaves nothing to differentiate: it selects no floating-point array of `model`."
 )
-
-
-_CACHE: collections.OrderedDict = collections.OrderedDict()
-_CACHE_SIZE = 256
-
-
-def cached(name: str, compute: Callable, *trees) -> Any:
-    """`compute()`, remembered for inputs with the same structure, shapes and dtypes.
-
-    Checks that trace a model cost milliseconds; like `jax.jit`, they only depend on
-    the treedef (static fields included) and on the arrays' shapes and dtypes, so a
-    repeated call with the same shapes skips them. Failures are not remembered, and
-    inputs that cannot be hashed are never cached.
-    """
-    leaves, treedef = jax.tree.flatten(trees)
-    signature = tuple(
-        (jnp.shape(leaf), jnp.result_type(leaf), getattr(leaf, "weak_type", False))
-        if _is_array(leaf)
-        else leaf
-        for leaf in leaves
-    )
-    key = (name, treedef, signature)
-    try:
-        hit = key in _CACHE
-    except TypeError:  # an unhashable static part
-        return compute()
-    if hit:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    value = compute()
-    _CACHE[key] = value
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return value
-
-
-def _trace_loss(loss: Callable, model: eqx.Module, batch: PyTree):
-    if isinstance(loss, AbstractLoss):
-        prediction_shape = loss.prediction_shape(model, batch)
-    else:
-        prediction_shape = None
-    out = eqx.filter_eval_shape(loss, model, batch)
-    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
-        shape = getattr(out, "shape", None)
-        got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
-        raise ValueError(f"`loss` must return a scalar, but `loss(model, batch)` gives {got}.")
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise ValueError(f"`loss` must return a real floating-point scalar, got dtype {out.dtype}.")
-    return prediction_shape
-
-
-def check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> tuple | None:
-    """Trace `loss(model, batch)` (no compute; remembered per shapes) and check that it
-    is a real scalar and, for a curvzoo loss, that the targets fit the predictions.
-    Target values (label range, BCE targets in `[0, 1]`) are checked where they are
-    concrete, that is outside `jax.jit`; inside it they cannot be, and stay the caller's
-    responsibility.
-
-    **Returns:** for a curvzoo loss the shape of the batch of predictions, else `None`.
-    """
-    prediction_shape = cached("loss", lambda: _trace_loss(loss, model, batch), loss, model, batch)
-    if isinstance(loss, AbstractLoss):
-        targets = batch[1]
-        if not isinstance(targets, jax.core.Tracer):
-            loss.check_values(prediction_shape, np.asarray(targets))
-    return prediction_shape
 
 
 def check_key(key: Any) -> None:

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._checks import check_batch, check_model
+from ._checks import check_model
 
 
 def _on(mesh: Mesh, leaf: Any) -> bool:
@@ -44,7 +44,7 @@ def lanes(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
-def place_batch(batch: Any, mesh: Mesh | None, *, split: bool) -> Any:
+def place_batch(batch: Any, mesh: Mesh | None, *, split: bool, size: int) -> Any:
     """The batch split along its leading axis over the mesh's devices (`split=True`:
     each device then works on its share of the samples, and sums over samples become
     all-reduces), or replicated (for kernels that split their basis vectors or probes
@@ -53,7 +53,6 @@ def place_batch(batch: Any, mesh: Mesh | None, *, split: bool) -> Any:
         return batch
     if not split:
         return replicate(batch, mesh)
-    size = check_batch(batch)
     if size % mesh.size:
         raise ValueError(
             f"`batch` has {size} samples, which `mesh` cannot split evenly over its "

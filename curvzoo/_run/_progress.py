@@ -1,9 +1,16 @@
-"""A progress line for long curvature computations (`progress=True`).
+"""The progress bar of long curvature computations (`progress=True`).
 
-Kernels call `report(label, done, total)` from inside their compiled loops through
-`jax.debug.callback`; with `progress=False` (the default) they make no such call, so
-their compiled code is unchanged. The line goes to standard error: items done, rate and
-time left, rewritten in place and ended when the last item is done.
+Kernels call `report(progress, label, index, total)` from inside their compiled loops,
+through `jax.debug.callback`, once per chunk; with `progress=False` (the default) they
+make no such call, so their compiled code is unchanged. What is shown:
+
+- with `tqdm` installed (it comes with the `recipes` extra), a `tqdm` bar on standard
+  error (in a notebook, its widget), with the rate and the time left;
+- otherwise one line on standard error, rewritten in place at most four times a second
+  (items done, percentage, rate, time left) and ended when the last chunk is done.
+
+Either way the callback costs tens of microseconds per chunk, and the screen is written
+at most a few times a second, however many chunks there are.
 """
 
 import sys
@@ -13,26 +20,76 @@ import jax
 import numpy as np
 
 
-_STARTS: dict[str, tuple[float, int]] = {}
+_INTERVAL = 0.25  # seconds between two writes of the line
 
 
-def _print(label: str, done, total: int) -> None:
-    done = int(np.max(np.asarray(done))) + 1  # under `jax.vmap`: the chunk's indices
-    now = time.perf_counter()
-    start, first = _STARTS.get(label, (now, done))
-    if done <= first or label not in _STARTS:
-        _STARTS[label] = (now, done)
-        start, first = now, done
-    rate = (done - first) / (now - start) if now > start else 0.0
-    left = (total - done) / rate if rate > 0 else float("nan")
-    line = f"\r{label}: {done}/{total} ({100 * done / total:5.1f}%)"
-    if rate > 0:
-        line += f", {rate:,.1f}/s, {left:,.0f} s left"
-    end = "\n" if done >= total else ""
-    sys.stderr.write(line + " " * 8 + end)
-    sys.stderr.flush()
+def _tqdm():
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+class _Line:
+    """One progress line, rewritten in place, throttled."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total = label, total
+        self.start = time.perf_counter()
+        self.done = 0
+        self.written = -float("inf")
+
+    def update(self, done: int) -> None:
+        self.done = done
+        now = time.perf_counter()
+        if done < self.total and now - self.written < _INTERVAL:
+            return
+        self.written = now
+        line = f"\r{self.label}: {done}/{self.total} ({100 * done / self.total:5.1f}%)"
+        elapsed = now - self.start
+        if elapsed > 0 and done > 0:
+            rate = done / elapsed
+            line += f", {rate:,.1f}/s, {(self.total - done) / rate:,.0f} s left"
+        end = "\n" if done >= self.total else ""
+        sys.stderr.write(line + " " * 8 + end)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class _Bar:
+    """A `tqdm` bar."""
+
+    def __init__(self, label: str, total: int, tqdm):
+        self.bar = tqdm(total=total, desc=label, mininterval=_INTERVAL, file=sys.stderr)
+        self.done = 0
+
+    def update(self, done: int) -> None:
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+_ACTIVE: dict = {}
+
+
+def _show(label: str, index, total: int) -> None:
+    done = int(np.max(np.asarray(index))) + 1  # under `jax.vmap`: the chunk's indices
+    shown = _ACTIVE.get(label)
+    if shown is None or done <= shown.done:  # a new run of this loop
+        if shown is not None:
+            shown.close()
+        tqdm = _tqdm()
+        shown = _Line(label, total) if tqdm is None else _Bar(label, total, tqdm)
+        _ACTIVE[label] = shown
+    shown.update(done)
     if done >= total:
-        _STARTS.pop(label, None)
+        shown.close()
+        _ACTIVE.pop(label, None)
 
 
 def report(progress: bool, label: str, index, total: int, after=None) -> None:
@@ -40,4 +97,4 @@ def report(progress: bool, label: str, index, total: int, after=None) -> None:
     is being done; nothing at all when `progress` is false. `after`, an array the
     callback receives and ignores, makes the report wait for whatever computes it."""
     if progress:
-        jax.debug.callback(lambda i, _: _print(label, i, total), index, after)
+        jax.debug.callback(lambda i, _: _show(label, i, total), index, after)

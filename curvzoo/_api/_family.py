@@ -1,0 +1,212 @@
+"""The GGN family: `ggn_diagonal`, `empirical_fisher_diagonal`, `fisher_diagonal`."""
+
+from collections.abc import Callable
+from typing import no_type_check
+
+import equinox as eqx
+from jax.sharding import Mesh
+from jaxtyping import Array, PyTree
+
+from .._losses import AbstractLoss
+from .._run._checks import check_key, check_positive_int
+from .._run._execute import evaluate
+from ._options import make_options
+
+
+@no_type_check
+def ggn_diagonal(
+    model: eqx.Module,
+    loss: AbstractLoss,
+    batch: PyTree,
+    *,
+    args: PyTree | None = None,
+    filter_spec: PyTree | Callable = eqx.is_inexact_array,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    method: str = "auto",
+    per_sample: bool = False,
+    check_finite: bool = True,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> PyTree:
+    """The exact diagonal of the generalised Gauss-Newton matrix
+    `G = scale * sum_n J_n^T H_n J_n`, where `J_n` is the Jacobian of sample `n`'s
+    prediction in the trainable parameters and `H_n` the Hessian of its per-sample loss
+    in that prediction (Schraudolph 2002).
+
+    `G` is the Hessian without the network's own second derivatives: it equals the
+    Hessian for a model linear in its parameters, and its diagonal equals the
+    Hessian's for a piecewise-linear feed-forward network (ReLU), whatever the loss
+    (the off-diagonal blocks differ). It is positive semi-definite for the curvzoo
+    losses, and the expectation of the Fisher (`curvzoo.fisher_diagonal`).
+
+    **Arguments:**
+
+    - `model`: any Equinox module that maps one example to one prediction. It is not
+        modified.
+    - `loss`: a curvzoo loss (`curvzoo.losses.*` or an `AbstractLoss` subclass); the
+        GGN needs its split into a prediction and a per-sample loss, which a plain
+        callable does not expose.
+    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`.
+    - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
+        `check_finite`, `mesh`, `progress`: as for [`curvzoo.hessian_diagonal`][].
+    - `method`: `"auto"` (default) or `"structured"` take the layered structured kernel
+        for a zoo `MLP` or `CNN` (`"structured"` raises where it does not apply);
+        `"generic"` uses vector-Jacobian products, for any model. Both are exact.
+    - `per_sample`: if `True`, one diagonal per sample, of `loss(model, batch_n)` for
+        the batch of that sample alone, as in [`curvzoo.hessian_diagonal`][].
+
+    **Returns:**
+
+    A PyTree with the structure of `equinox.filter(model, filter_spec)`: the diagonal at
+    each trained leaf (its shape and dtype), `None` elsewhere; with `per_sample=True`
+    each array gains a leading axis of size `N`.
+
+    **Cost:** never `P` products. The generic route takes, per sample, one forward pass
+    and one vector-Jacobian product per column of a square root of `H_n` (`C` columns for
+    `C` outputs: cross-entropy, MSE, BCE; `T C` for a per-step readout over `T` steps),
+    with that many parameter-sized gradients per sample of a chunk in memory. The
+    structured route for `MLP` and `CNN` pulls the same `C` columns down the layers as
+    matrix products and contracts each dense layer with its squared inputs in one matrix
+    product over the batch, never forming a per-sample gradient of a dense layer (a
+    convolution takes `C` per-sample weight gradients).
+
+    **Example:**
+
+    ```python
+    ggn = model.ggn_diagonal(curvzoo.losses.cross_entropy, (x, labels))
+    ```
+    """
+
+    options = make_options(
+        method=method, per_sample=per_sample, chunk_size=chunk_size,
+        memory_budget=memory_budget, check_finite=check_finite, progress=progress, mesh=mesh,
+    )  # fmt: skip
+    return evaluate("ggn", model, loss, batch, options=options, filter_spec=filter_spec, args=args)
+
+
+@no_type_check
+def empirical_fisher_diagonal(
+    model: eqx.Module,
+    loss: AbstractLoss,
+    batch: PyTree,
+    *,
+    args: PyTree | None = None,
+    filter_spec: PyTree | Callable = eqx.is_inexact_array,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    method: str = "auto",
+    per_sample: bool = False,
+    check_finite: bool = True,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> PyTree:
+    """The diagonal of the empirical Fisher, `scale * sum_n g_n^2`, with `g_n` the
+    gradient of sample `n`'s per-sample loss at its own target.
+
+    **Scaling:** `scale` is the loss's reduction factor, as in the loss itself and in
+    [`curvzoo.ggn_diagonal`][]: `1` for `reduction="sum"`, `1 / (N * elements)` for
+    `"mean"`. So the empirical Fisher and the GGN are on the same scale, and where the
+    targets were drawn from the model (see [`curvzoo.fisher_diagonal`][]) the
+    empirical Fisher's expectation is the GGN diagonal. With real targets it is not
+    (Kunstner, Balles and Hennig 2019): it is the squared-gradient statistic that Adam
+    and many pruning criteria use.
+
+    **Arguments:**
+
+    - `model`: any Equinox module that maps one example to one prediction. It is not
+        modified.
+    - `loss`: a curvzoo loss (`curvzoo.losses.*` or an `AbstractLoss` subclass).
+    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`.
+    - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
+        `check_finite`, `mesh`, `progress`: as for [`curvzoo.hessian_diagonal`][].
+    - `method`: as for [`curvzoo.ggn_diagonal`][].
+    - `per_sample`: if `True`, the squared gradients one sample at a time: sample `n`'s
+        entry is the empirical Fisher of the batch of that sample alone,
+        `scale(1) * g_n^2`; the batch's diagonal is their mean (`reduction="mean"`) or
+        sum (`"sum"`).
+
+    **Returns:**
+
+    A PyTree with the structure of `equinox.filter(model, filter_spec)`: the diagonal at
+    each trained leaf, `None` elsewhere; with `per_sample=True` each array gains a
+    leading axis of size `N`.
+
+    **Cost:** one gradient column per sample: for `MLP` and `CNN` about two gradients
+    (dense layers contract the squared inputs and squared output gradients in one
+    matrix product, never forming a per-sample gradient); otherwise one
+    vector-Jacobian product per sample, `jax.vmap`ped in chunks.
+    """
+
+    options = make_options(
+        method=method, per_sample=per_sample, chunk_size=chunk_size,
+        memory_budget=memory_budget, check_finite=check_finite, progress=progress, mesh=mesh,
+    )  # fmt: skip
+    return evaluate(
+        "empirical_fisher", model, loss, batch, options=options, filter_spec=filter_spec,
+        args=args,
+    )  # fmt: skip
+
+
+@no_type_check
+def fisher_diagonal(
+    model: eqx.Module,
+    loss: AbstractLoss,
+    batch: PyTree,
+    *,
+    key: Array,
+    num_samples: int = 1,
+    args: PyTree | None = None,
+    filter_spec: PyTree | Callable = eqx.is_inexact_array,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    method: str = "auto",
+    check_finite: bool = True,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> PyTree:
+    """A Monte-Carlo estimate of the Fisher information's diagonal: for every sample,
+    `num_samples` targets are drawn from the model's predictive distribution, and the
+    squared gradients at those targets are averaged,
+    `scale * sum_n mean_s (grad per_sample(f_n, y_ns))^2`.
+
+    The draws come from `loss.sample_targets`: a categorical on the softmax for
+    cross-entropy, a Bernoulli on the sigmoid for BCE, and `Normal(f, 1/2)` for MSE, the
+    Gaussian whose negative log-likelihood MSE is up to a constant. With these, the
+    expectation is exactly the GGN diagonal ([`curvzoo.ggn_diagonal`][]), on the same
+    scale; the estimate is unbiased for it, and non-negative.
+
+    **Arguments:**
+
+    - `model`: any Equinox module that maps one example to one prediction. It is not
+        modified.
+    - `loss`: a curvzoo loss with a `sample_targets` method (all of
+        `curvzoo.losses.*`).
+    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`;
+        the targets are checked like everywhere else but not used.
+    - `key`: a JAX PRNG key (keyword-only, required). The same key gives the same
+        result.
+    - `num_samples`: targets drawn per sample (default 1).
+    - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
+        `check_finite`, `mesh`, `progress`: as for [`curvzoo.hessian_diagonal`][].
+    - `method`: as for [`curvzoo.ggn_diagonal`][].
+
+    **Returns:**
+
+    A PyTree with the structure of `equinox.filter(model, filter_spec)`: the estimate at
+    each trained leaf, `None` elsewhere.
+
+    **Cost:** one forward pass to draw the targets, then `num_samples` gradient columns
+    per sample, as in [`curvzoo.empirical_fisher_diagonal`][].
+    """
+
+    check_key(key)
+    check_positive_int(num_samples, "num_samples")
+    options = make_options(
+        method=method, chunk_size=chunk_size, memory_budget=memory_budget,
+        check_finite=check_finite, progress=progress, mesh=mesh, num_samples=num_samples,
+    )  # fmt: skip
+    return evaluate(
+        "fisher", model, loss, batch, key=key, options=options, filter_spec=filter_spec,
+        args=args,
+    )  # fmt: skip

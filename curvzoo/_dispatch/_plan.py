@@ -1,0 +1,451 @@
+"""The plan of a curvature call: which kernel, why, what it will cost, and the program
+that runs it.
+
+A call is *checked*, *planned*, *run*, and its result *verified*. Planning needs only
+what is static about the call (its `Request`: tree structures, shapes, dtypes, static
+fields and options), so the run driver caches plans per request: a repeated call with
+the same shapes redoes none of the checks that cannot have changed and reuses the
+compiled program.
+
+Which kernel: a *structured* kernel where the model has a registered structure
+(`_structures.py`) with a kernel for it (`sample_kernel`, registered per structure
+type) and the loss's class allows it (its capabilities, worked out once per class in
+`curvzoo/_losses.py`); otherwise the general kernel of the quantity: one
+Hessian-vector product per parameter for the Hessian, one vector-Jacobian product per
+output column and sample for the GGN family, Hessian-vector products per probe for
+Hutchinson. For the recurrent kernel `method="auto"` compares the two estimates.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from .._kernels._lanes import even_chunks
+from .._kernels._layered import LayeredKernel, trainable_ops
+from .._kernels._recurrent import RecurrentKernel
+from .._kernels._samples import AbstractSampleKernel
+from .._kernels._vjp import VJPKernel
+from .._losses import AbstractLoss, capabilities
+from .._run._checks import check_batch
+from .._run._memory import DEFAULT_MEMORY_BUDGET
+from ._costs import estimated_seconds
+from ._routes import bind, Context, GenericRoute, HutchinsonRoute, SampleRoute
+from ._signature import Layout, TracedLoss, WithArgs
+from ._structures import describe, Layered, Recurrent, Unsupported
+
+
+QUANTITIES = {
+    "hessian": "Hessian diagonal",
+    "ggn": "GGN diagonal",
+    "empirical_fisher": "empirical Fisher diagonal",
+    "fisher": "Monte-Carlo Fisher diagonal",
+    "hutchinson": "Hutchinson estimate of the Hessian diagonal",
+}
+FUNCTIONS = {
+    "hessian": "`hessian_diagonal`",
+    "ggn": "`ggn_diagonal`",
+    "empirical_fisher": "`empirical_fisher_diagonal`",
+    "fisher": "`fisher_diagonal`",
+    "hutchinson": "`hutchinson_diagonal(control_variate='ggn')`",
+}
+KERNELS = {
+    "layered": "structured, layered (Hessian backpropagation)",
+    "recurrent": "structured, recurrent",
+    "generic": "generic (one Hessian-vector product per parameter)",
+    "vjp": "vector-Jacobian products (one per output column and sample)",
+    "hutchinson": "Hutchinson (one Hessian-vector product per probe)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """A call's options, already checked (`curvzoo/_api/_options.py`)."""
+
+    method: str = "auto"
+    per_sample: bool = False
+    chunk_size: int | None = None
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    check_finite: bool = True
+    progress: bool = False
+    mesh: Mesh | None = None
+    num_samples: int = 1
+    num_probes: int = 1
+    control_variate: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Everything static about a call, and so the key of its plan."""
+
+    quantity: str
+    options: Options
+    model: Layout
+    trained: tuple  # one bool per leaf of the model
+    batch: Layout
+    loss: Layout
+    args: Layout | None
+    key: tuple | None  # the PRNG key's (shape, dtype), for the stochastic quantities
+
+
+# ## A structured kernel for each structure
+
+
+@functools.singledispatch
+def sample_kernel(found, quantity: str, trained_tree) -> AbstractSampleKernel:
+    """The structured kernel that computes `quantity` (`"hessian"`, `"ggn"` or
+    `"gradients"`) for a model of structure `found` (`trained_tree`: bools shaped like
+    the model), or `Unsupported`. Registered per structure type: a new structure and its
+    kernel are one registration."""
+    raise Unsupported(f"no structured kernel for {type(found).__name__}")
+
+
+@sample_kernel.register(Layered)
+def _layered(found: Layered, quantity: str, trained_tree) -> AbstractSampleKernel:
+    return LayeredKernel(found.ops, trainable_ops(found.ops, trained_tree), quantity)
+
+
+@sample_kernel.register(Recurrent)
+def _recurrent(found: Recurrent, quantity: str, trained_tree) -> AbstractSampleKernel:
+    del trained_tree
+    if quantity != "hessian":
+        raise Unsupported(
+            "the zoo RNN has a structured kernel for the Hessian only; this diagonal takes "
+            "`C` vector-Jacobian products per sample (`T C` for a per-step readout) with "
+            "`method='generic'`, which `'auto'` picks"
+        )
+    return RecurrentKernel(found.chain)
+
+
+# ## The plan
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Plan:
+    """How a curvature call will run, before it runs: what [`curvzoo.plan`][] returns.
+
+    **Fields:**
+
+    - `quantity`: `"hessian"`, `"ggn"`, `"empirical_fisher"`, `"fisher"` or
+        `"hutchinson"`.
+    - `kernel`: `"layered"` or `"recurrent"` (the structured kernels), `"generic"` (one
+        Hessian-vector product per parameter), `"vjp"` (vector-Jacobian products, the
+        GGN family's general kernel) or `"hutchinson"`.
+    - `reason`: why no faster kernel applies, naming the part of the model or the loss
+        (as the error of `method="structured"` would), or `None`.
+    - `model`: the model's type name; `num_params`: its trained entries `P`;
+        `batch_size`: `N`.
+    - `lanes`: what the work is chunked over (`"samples"`, `"basis vectors"` or
+        `"probes"`): `num_chunks` chunks of `chunk` lanes.
+    - `multiply_adds` and `element_ops`: the estimated matrix-product multiply-adds and
+        other arithmetic, counted on the kernel's traced program.
+    - `memory_bytes`: the estimated peak working memory (an upper bound), against
+        `memory_budget`.
+    - `seconds` (a property): the estimated run time, from this machine's measured
+        matrix-multiply rate and the kernel's efficiency in the benchmark.
+    """
+
+    quantity: str
+    kernel: str
+    reason: str | None
+    model: str
+    num_params: int
+    batch_size: int
+    lanes: str
+    chunk: int
+    num_chunks: int
+    multiply_adds: float
+    element_ops: float
+    memory_bytes: int
+    memory_budget: int
+    extra: str | None = None
+    route: object = dataclasses.field(default=None, compare=False)
+    prediction_shape: tuple | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def seconds(self) -> float:
+        """The estimated run time in seconds, compilation excluded."""
+        return estimated_seconds(self.multiply_adds + self.element_ops, self.kernel)
+
+    def __repr__(self) -> str:
+        kernel = KERNELS[self.kernel]
+        if self.kernel == "generic" and self.lanes == "basis vectors" and self.route.per_sample:
+            kernel += ", for each sample"
+        lines = [
+            f"Plan({QUANTITIES[self.quantity]} of {self.model}: P = {self.num_params:,}, "
+            f"N = {self.batch_size:,}",
+            f"  kernel   {kernel}",
+        ]
+        if self.extra:
+            lines.append(f"           plus {self.extra}")
+        if self.reason:
+            lines.append(f"  because  {self.reason}")
+        lines += [
+            f"  cost     {self.multiply_adds:.3g} multiply-adds and {self.element_ops:.3g} "
+            f"other operations: about {duration(self.seconds)} on this machine",
+            f"  chunks   {self.num_chunks:,} of {self.chunk:,} {self.lanes}; about "
+            f"{_mebibytes(self.memory_bytes)} of working memory "
+            f"(budget {_mebibytes(self.memory_budget)})",
+            ")",
+        ]
+        return "\n".join(lines)
+
+
+def duration(seconds: float) -> str:
+    """A duration for people: `3.2 ms`, `14 s`, `2.5 h`."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2g} ms"
+    if seconds < 120:
+        return f"{seconds:.2g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.2g} min"
+    return f"{seconds / 3600:.2g} h"
+
+
+def _mebibytes(size: int) -> str:
+    return f"{size / 2**20:.3g} MiB"
+
+
+# ## Planning
+
+
+def _abstract_arrays(layout: Layout) -> list:
+    return [jax.ShapeDtypeStruct(s, d, weak_type=w) for s, d, w in layout.avals]
+
+
+def _check_scalar(out) -> None:
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+        shape = getattr(out, "shape", None)
+        got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
+        raise ValueError(f"`loss` must return a scalar, but `loss(model, batch)` gives {got}.")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"`loss` must return a real floating-point scalar, got dtype {out.dtype}.")
+
+
+def check_loss_output(loss, model, batch, args) -> tuple | None:
+    """Trace the loss (no compute): it must return a real scalar, and a curvzoo loss's
+    targets must fit its predictions. **Returns:** the shape of the batch of
+    predictions for a curvzoo loss, else `None`."""
+    if isinstance(loss, TracedLoss):
+        return None  # its output was checked when it was traced
+    prediction_shape = None
+    try:
+        if isinstance(loss, AbstractLoss):
+            prediction_shape = loss.prediction_shape(model, batch)
+        out = eqx.filter_eval_shape(lambda m, b, a: bind(loss, a)(m, b), model, batch, args)
+        _check_scalar(out)
+    except TypeError as error:
+        if "required positional argument" not in str(error):
+            raise
+        raise TypeError(
+            f"calling the model (or the loss) failed: {error}. A model that takes more than "
+            "one input, such as an `eqx.nn.State` for `BatchNorm`, gets it with `args=` "
+            "(a curvzoo loss then calls `model(x, args)`; put `BatchNorm` in inference mode "
+            "with `eqx.nn.inference_mode(model)`); a callable loss gets "
+            "`loss(model, batch, args)`."
+        ) from error
+    return prediction_shape
+
+
+def _require_per_sample_form(loss, quantity: str) -> None:
+    """The GGN family works from `scale * sum_n per_sample(predict(model, x)_n, y_n)`:
+    `loss` must be a curvzoo loss whose `__call__` computes that, with (for the GGN) a
+    loss-Hessian factor and (for the Fisher) a `sample_targets` that belong to its
+    `per_sample`."""
+    name = FUNCTIONS[quantity]
+    if not isinstance(loss, AbstractLoss):
+        kind = "function" if isinstance(loss, TracedLoss) else type(loss).__name__
+        raise TypeError(
+            f"`loss` for {name} must be a curvzoo loss (`curvzoo.losses.*` or a subclass of "
+            "`curvzoo.losses.AbstractLoss`), which exposes its per-sample form; got a "
+            f"custom callable of type {kind}."
+        )
+    found = capabilities(loss)
+    if found.own_call is not None:
+        raise ValueError(found.own_call.format(name=name))
+    if quantity in ("ggn", "hutchinson") and found.factor is not None:
+        raise ValueError(f"{found.factor}; override `output_hessian_factor` too, to use {name}.")
+    if quantity == "fisher" and found.sampler is not None:
+        if "{name}" in found.sampler:
+            raise TypeError(found.sampler.format(name=name))
+        raise ValueError(f"{found.sampler}; override `sample_targets` too, to use {name}.")
+
+
+def _structured(ctx: Context, model, kernel_quantity: str, trained_tree):
+    """`(SampleRoute, None)` for the structured kernel, or `(None, reason)`."""
+    loss = ctx.loss
+    if not isinstance(loss, AbstractLoss):
+        return None, (
+            "`loss` is a custom callable; the structured kernel needs a curvzoo loss "
+            "(`curvzoo.losses.*`), which exposes its per-sample form"
+        )
+    if ctx.args is not None:
+        return None, "`args` is passed to the loss, which the structured kernels do not call"
+    found = capabilities(loss)
+    reason = found.structured[kernel_quantity]
+    if reason is not None:
+        return None, reason
+    example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), ctx.batch[0])
+    try:
+        structure = describe(model, example)
+        if isinstance(structure, Recurrent) and found.stepwise is not None:
+            if kernel_quantity == "hessian":
+                return None, found.stepwise
+        kernel = sample_kernel(structure, kernel_quantity, trained_tree)
+    except Unsupported as error:
+        if str(error).startswith(("the zoo RNN", "`args`")):
+            return None, str(error)
+        return None, f"`model` has a part the structured kernel does not support: {error}"
+    name = "recurrent" if isinstance(kernel, RecurrentKernel) else "layered"
+    return SampleRoute(kernel, name), None
+
+
+def _choose(ctx: Context, model, trained_tree):
+    """`(route, reason)`: the kernel that `method` picks, and why no faster one applies."""
+    quantity, method = ctx.quantity, ctx.options.method
+    kernel_quantity = {"empirical_fisher": "gradients", "fisher": "gradients"}.get(
+        quantity, quantity
+    )
+    if quantity == "hutchinson":
+        ggn = None
+        if ctx.options.control_variate == "ggn":
+            ggn, _ = _structured(ctx, model, "ggn", trained_tree)
+            ggn = ggn or SampleRoute(VJPKernel("ggn"), "vjp")
+        return HutchinsonRoute(ggn), None
+    if quantity == "hessian":
+        general = GenericRoute(ctx.options.per_sample)
+    else:
+        general = SampleRoute(VJPKernel(kernel_quantity), "vjp")
+    if method == "generic":
+        return general, None
+    route, reason = _structured(ctx, model, kernel_quantity, trained_tree)
+    if route is None:
+        if method == "structured":
+            raise ValueError(
+                f"`method='structured'` cannot be used here: {reason}. Use `method='auto'` "
+                "or `method='generic'`."
+            )
+        return general, reason
+    if route.name == "recurrent" and method == "auto":
+        mine, theirs = route.cost(ctx).total(), general.cost(ctx).total()
+        if estimated_seconds(mine.work, "recurrent") > estimated_seconds(theirs.work, "generic"):
+            return general, (
+                f"the recurrent kernel's estimate here ({mine.work:.3g} operations) is above "
+                f"the generic kernel's ({theirs.work:.3g}): a long sequence through few units"
+            )
+    return route, None
+
+
+def _chunk(requested: int | None, lane_bytes: int, total: int, budget: int) -> int:
+    if requested is not None:
+        return max(1, min(requested, total))
+    return max(1, min(total, budget // max(lane_bytes, 1)))
+
+
+def build_plan(request: Request) -> Plan:
+    """Check what shapes alone can show, choose the kernel, and estimate its cost.
+    Nothing runs: the inputs are abstract (`jax.ShapeDtypeStruct`)."""
+    options = request.options
+    model = request.model.abstract()
+    params, static = request.model.split(_abstract_arrays(request.model), request.trained)
+    trained_tree = jax.tree.unflatten(request.model.treedef, list(request.trained))
+    batch = request.batch.abstract()
+    loss = request.loss.abstract()
+    args = None if request.args is None else request.args.abstract()
+    batch_size = check_batch(batch)
+    prediction_shape = check_loss_output(loss, model, batch, args)
+    quantity = request.quantity
+    if quantity in ("ggn", "empirical_fisher", "fisher") or (
+        quantity == "hutchinson" and options.control_variate == "ggn"
+    ):
+        _require_per_sample_form(loss, quantity)
+    key = None if request.key is None else jax.ShapeDtypeStruct(*request.key)
+    ctx = Context(
+        quantity, params, static, loss, batch, args, key, batch_size, prediction_shape, options
+    )
+    if quantity == "fisher":
+        _check_draws(ctx)
+
+    route, reason = _choose(ctx, model, trained_tree)
+    cost = route.cost(ctx)
+    budget = options.memory_budget
+    chunk = _chunk(options.chunk_size, cost.lane.bytes, cost.count, budget)
+    multiple = 1 if options.mesh is None else options.mesh.size
+    chunk, num_chunks = even_chunks(cost.count, chunk, multiple)
+    memory = cost.shared.bytes + chunk * cost.lane.bytes
+    if isinstance(route, HutchinsonRoute) and route.ggn is not None:
+        ggn_chunk = _chunk(None, cost.extra_lane_bytes, batch_size, budget)
+        route = dataclasses.replace(route, ggn_chunk=ggn_chunk)
+    work = cost.total()
+    return Plan(
+        quantity=quantity,
+        kernel=route.name,
+        reason=reason,
+        model=type(model.model if isinstance(model, WithArgs) else model).__name__,
+        num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+        batch_size=batch_size,
+        lanes=cost.lanes,
+        chunk=chunk,
+        num_chunks=num_chunks,
+        multiply_adds=work.multiply_adds,
+        element_ops=work.element_ops,
+        memory_bytes=int(memory),
+        memory_budget=budget,
+        extra=cost.extra_text,
+        route=route,
+        prediction_shape=prediction_shape,
+    )
+
+
+def _check_draws(ctx: Context) -> None:
+    """`loss.sample_targets` must return one sample's targets."""
+    targets = ctx.batch[1]
+    model = eqx.combine(ctx.params, ctx.static)
+
+    def draw(m, x):
+        prediction = ctx.loss.predict(m, jax.tree.map(lambda v: v[:1], x))[0]
+        return ctx.loss.sample_targets(jax.random.key(0), prediction)
+
+    drawn = eqx.filter_eval_shape(draw, model, ctx.batch[0])
+    expected = tuple(targets.shape[1:])
+    if tuple(drawn.shape) != expected:
+        raise ValueError(
+            f"`loss.sample_targets` must return one sample's targets, of shape {expected}; "
+            f"it returned shape {tuple(drawn.shape)}."
+        )
+
+
+def runner(request: Request, plan: Plan) -> Callable:
+    """The traced function that runs `plan` on one call's arrays: `run(model_arrays,
+    batch_arrays, loss_arrays, args_arrays, key) -> (result, finiteness flags | None)`,
+    to be `jax.jit`-compiled once per plan."""
+    route, options = plan.route, request.options
+
+    def run(model_arrays, batch_arrays, loss_arrays, args_arrays, key):
+        params, static = request.model.split(model_arrays, request.trained)
+        batch = request.batch.rebuild(batch_arrays)
+        loss = request.loss.rebuild(loss_arrays)
+        args = None if request.args is None else request.args.rebuild(args_arrays)
+        ctx = Context(
+            request.quantity, params, static, loss, batch, args, key, plan.batch_size,
+            plan.prediction_shape, options,
+        )  # fmt: skip
+        result = route.run(ctx, plan.chunk)
+        if not options.check_finite:
+            return result, None
+        leaves = [
+            leaf
+            for leaf in jax.tree.leaves((model_arrays, batch_arrays, args_arrays, result))
+            if jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.size
+        ]
+        flags = jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+        return result, flags
+
+    return run

@@ -1,0 +1,166 @@
+"""The run driver: every public function is `evaluate(...)` of its quantity.
+
+1. *Check* what changes from call to call and is cheap: the argument types, the
+   trained leaves, and (for a callable loss that is not an Equinox module) a fresh
+   trace of the loss, so that its result is that of the loss as it stands now.
+2. *Plan*, or find the plan of an equal request (same shapes, dtypes, static parts and
+   options) in a bounded cache, with its compiled program.
+3. *Run* the compiled program on this call's arrays: the result and, in the same
+   program, one finiteness flag per floating-point input and output array.
+4. *Verify*: check concrete target values, read the flags, and name the leaf that holds
+   NaN or inf.
+"""
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+from jaxtyping import PyTree
+
+from .._dispatch._plan import build_plan, Options, Plan, Request, runner
+from .._dispatch._signature import flatten, hashable, Layout, trace_loss, WithArgs
+from .._losses import AbstractLoss
+from ._checks import check_batch, check_loss, check_model, raise_non_finite, trained
+from ._devices import check_mesh, place_batch, replicate
+
+
+_SIZE = 64  # plans (and their compiled programs) kept; the oldest is dropped
+_PLANS: collections.OrderedDict = collections.OrderedDict()
+_MASKS: collections.OrderedDict = collections.OrderedDict()
+_BATCHES: collections.OrderedDict = collections.OrderedDict()
+
+
+def _remember(cache: collections.OrderedDict, key, make: Callable):
+    """`make()`, remembered under `key` in the bounded `cache` (not when unhashable)."""
+    if not hashable(key):
+        return make()
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = make()
+    cache[key] = value
+    if len(cache) > _SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def _trained(model, layout: Layout, filter_spec) -> tuple:
+    """One bool per leaf of `model`: trained or not (remembered per model layout and
+    filter-spec tree; a callable spec is applied anew, it is cheap)."""
+    if callable(filter_spec) and not isinstance(filter_spec, eqx.Module):
+        return trained(model, filter_spec)
+    spec_leaves, spec_def = jax.tree.flatten(filter_spec)
+    key = (layout, spec_def, tuple(spec_leaves))
+    return _remember(_MASKS, key, lambda: trained(model, filter_spec))
+
+
+def _check_batch(batch, layout: Layout) -> None:
+    _remember(_BATCHES, layout, lambda: check_batch(batch))
+
+
+class Prepared:
+    """A call, checked and planned: its request, plan, compiled program and arrays."""
+
+    def __init__(self, request, plan, compiled, arrays, trees):
+        self.request, self.plan, self.compiled = request, plan, compiled
+        self.arrays, self.trees = arrays, trees
+
+
+def prepare(
+    quantity: str,
+    model: Any,
+    loss: Any,
+    batch: PyTree,
+    *,
+    options: Options,
+    filter_spec: Any,
+    args: PyTree | None = None,
+    key: Any = None,
+) -> Prepared:
+    """Checks, the plan (cached per request) and the arrays of one call."""
+    check_model(model)
+    check_mesh(model, options.mesh)
+    check_loss(loss)
+    trees = (model, batch, loss, args)
+    model_arrays, model_layout = flatten(model)
+    batch_arrays, batch_layout = flatten(batch)
+    _check_batch(batch, batch_layout)
+    mask = _trained(model, model_layout, filter_spec)
+    if args is not None and isinstance(loss, AbstractLoss):  # `args` go to the model
+        model = WithArgs(model, args)
+        mask = mask + (False,) * len(jax.tree.leaves(args))
+        model_arrays, model_layout = flatten(model)
+        args = None
+    args_arrays, args_layout = ([], None) if args is None else flatten(args)
+    if not isinstance(loss, eqx.Module):  # traced now: its closure is read at this call
+        # Per sample, the generic kernel calls the loss on one-sample batches.
+        one = quantity == "hessian" and options.per_sample
+        traced_layout = batch_layout.with_leading(1) if one else batch_layout
+        traced, out = trace_loss(loss, model_layout, traced_layout, args_layout)
+        _check_traced_output(traced, out)
+        loss = traced
+    loss_arrays, loss_layout = flatten(loss)
+    key_aval = None if key is None else (tuple(key.shape), key.dtype)
+    request = Request(
+        quantity, options, model_layout, mask, batch_layout, loss_layout, args_layout, key_aval
+    )
+
+    def make():
+        plan = build_plan(request)
+        return plan, jax.jit(runner(request, plan))
+
+    plan, compiled = _remember(_PLANS, request, make)
+    arrays = [model_arrays, batch_arrays, loss_arrays, args_arrays]
+    return Prepared(request, plan, compiled, arrays, trees)
+
+
+def _check_traced_output(traced, out) -> None:
+    if traced is None or not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+        shape = getattr(out, "shape", None)
+        got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
+        raise ValueError(f"`loss` must return a scalar, but `loss(model, batch)` gives {got}.")
+    if not np.issubdtype(out.dtype, np.floating):
+        raise ValueError(f"`loss` must return a real floating-point scalar, got dtype {out.dtype}.")
+
+
+def _is_concrete(leaf) -> bool:
+    return not isinstance(leaf, jax.core.Tracer)
+
+
+def evaluate(quantity: str, model, loss, batch, *, key=None, **kwargs) -> PyTree:
+    """Check, plan, run and verify one call of `quantity` (see the module docstring)."""
+    prepared = prepare(quantity, model, loss, batch, key=key, **kwargs)
+    plan, options = prepared.plan, prepared.request.options
+    model, batch, loss, args = prepared.trees
+    if isinstance(loss, AbstractLoss):
+        targets = batch[1]
+        if _is_concrete(targets):
+            loss.check_values(plan.prediction_shape, np.asarray(targets))
+    model_arrays, batch_arrays, loss_arrays, args_arrays = prepared.arrays
+    if options.mesh is not None:
+        model_arrays = replicate(model_arrays, options.mesh)
+        split = plan.lanes == "samples" or options.per_sample
+        batch_arrays = place_batch(batch_arrays, options.mesh, split=split, size=plan.batch_size)
+    result, flags = prepared.compiled(model_arrays, batch_arrays, loss_arrays, args_arrays, key)
+    result = _unwrapped(result)
+    if flags is not None and _is_concrete(flags) and not np.asarray(flags).all():
+        trees = {"model": model, "batch": batch, "args": args, "diagonal": result}
+        raise_non_finite(trees, results=("diagonal",))
+    return result
+
+
+def _unwrapped(result):
+    """The result shaped like the user's model, not like its `WithArgs` wrapper."""
+    if isinstance(result, WithArgs):
+        return result.model
+    if isinstance(result, tuple) and result and isinstance(result[0], WithArgs):
+        return tuple(part.model for part in result)
+    return result
+
+
+def plan_of(quantity: str, model, loss, batch, *, key=None, **kwargs) -> Plan:
+    """The plan `evaluate` would run, without running it."""
+    return prepare(quantity, model, loss, batch, key=key, **kwargs).plan
