@@ -31,7 +31,10 @@ CALLS = {
 
 
 @pytest.mark.parametrize("name", list(CALLS))
-def test_progress_line(name, capsys, getkey):
+def test_progress_line(name, capsys, getkey, monkeypatch):
+    from curvzoo._run import _progress
+
+    monkeypatch.setattr(_progress, "_tqdm", lambda: None)  # the line, not a tqdm bar
     call, label = CALLS[name]
     model = cz.MLP(3, 3, 4, 1, key=getkey())
     batch = make_batch(model, "ce", getkey())
