@@ -19,6 +19,7 @@ from ._models import (
     MLP as MLP,
     RNN as RNN,
 )
+from ._run._execute import SlowCurvatureWarning as SlowCurvatureWarning
 from ._spectral._density import (
     spectral_density as spectral_density,
     SpectralDensity as SpectralDensity,

@@ -138,7 +138,9 @@ class AbstractLoss(eqx.Module):
         """The shape of the batch of predictions, with the targets' shapes checked
         against it. Traces the model (no compute)."""
         inputs, targets = split_batch(batch)
-        predictions = eqx.filter_eval_shape(self.predict, model, inputs)
+        predictions = eqx.filter_eval_shape(
+            lambda loss, m, x: loss.predict(m, x), self, model, inputs
+        )
         self.check_shapes(predictions.shape, jnp.shape(targets), jnp.result_type(targets))
         return tuple(predictions.shape)
 

@@ -239,7 +239,7 @@ def check_loss_output(loss, model, batch, args) -> tuple | None:
     try:
         if isinstance(loss, AbstractLoss):
             prediction_shape = loss.prediction_shape(model, batch)
-        out = eqx.filter_eval_shape(lambda m, b, a: bind(loss, a)(m, b), model, batch, args)
+        out = eqx.filter_eval_shape(lambda l, m, b, a: bind(l, a)(m, b), loss, model, batch, args)
         _check_scalar(out)
     except TypeError as error:
         if "required positional argument" not in str(error):
@@ -409,11 +409,11 @@ def _check_draws(ctx: Context) -> None:
     targets = ctx.batch[1]
     model = eqx.combine(ctx.params, ctx.static)
 
-    def draw(m, x):
-        prediction = ctx.loss.predict(m, jax.tree.map(lambda v: v[:1], x))[0]
-        return ctx.loss.sample_targets(jax.random.key(0), prediction)
+    def draw(loss, m, x):
+        prediction = loss.predict(m, jax.tree.map(lambda v: v[:1], x))[0]
+        return loss.sample_targets(jax.random.key(0), prediction)
 
-    drawn = eqx.filter_eval_shape(draw, model, ctx.batch[0])
+    drawn = eqx.filter_eval_shape(draw, ctx.loss, model, ctx.batch[0])
     expected = tuple(targets.shape[1:])
     if tuple(drawn.shape) != expected:
         raise ValueError(

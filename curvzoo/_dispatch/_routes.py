@@ -144,9 +144,10 @@ class SampleRoute:
 def _draw_dtype(ctx: Context):
     model = eqx.combine(ctx.params, ctx.static)
     shapes = eqx.filter_eval_shape(
-        lambda m, x: ctx.loss.sample_targets(
-            jax.random.key(0), ctx.loss.predict(m, jax.tree.map(lambda v: v[:1], x))[0]
+        lambda loss, m, x: loss.sample_targets(
+            jax.random.key(0), loss.predict(m, jax.tree.map(lambda v: v[:1], x))[0]
         ),
+        ctx.loss,
         model,
         ctx.batch[0],
     )

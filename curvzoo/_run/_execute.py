@@ -12,6 +12,7 @@
 """
 
 import collections
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
-from .._dispatch._plan import build_plan, Options, Plan, Request, runner
+from .._dispatch._plan import build_plan, duration, Options, Plan, Request, runner
 from .._dispatch._signature import flatten, hashable, Layout, trace_loss, WithArgs
 from .._losses import AbstractLoss
 from ._checks import check_batch, check_loss, check_model, raise_non_finite, trained
@@ -126,6 +127,41 @@ def _check_traced_output(traced, out) -> None:
         raise ValueError(f"`loss` must return a real floating-point scalar, got dtype {out.dtype}.")
 
 
+class SlowCurvatureWarning(UserWarning):
+    """A curvature call is estimated to run for more than a minute on the generic
+    kernel, where a faster route may exist. Silence it with
+    `warnings.filterwarnings("ignore", category=curvzoo.SlowCurvatureWarning)`."""
+
+
+_SLOW = 60.0  # seconds
+_OPTIMISTIC_RATE = 1e12  # operations per second no CPU kernel of ours reaches
+
+
+def _warn_if_slow(plan: Plan) -> None:
+    """Warn where the generic kernel is estimated to take more than a minute (the rate
+    of this machine is only measured when the work could possibly take that long)."""
+    if plan.kernel != "generic":
+        return
+    if (plan.multiply_adds + plan.element_ops) / _OPTIMISTIC_RATE < _SLOW:
+        return
+    seconds = plan.seconds
+    if seconds < _SLOW:
+        return
+    reason = f" ({plan.reason})" if plan.reason else ""
+    warnings.warn(
+        f"this {plan.quantity} diagonal of {plan.model} (P = {plan.num_params:,}) takes the "
+        f"generic kernel, one Hessian-vector product per parameter{reason}: about "
+        f"{duration(seconds)} on this machine, by `curvzoo.plan`'s estimate. Faster routes: "
+        "a zoo model, or a model whose structure is registered (`equinox.nn.MLP`, "
+        "`equinox.nn.Sequential` of dense and convolutional layers, elementwise "
+        "activations, pooling, a flatten), with a curvzoo loss; the exact GGN diagonal "
+        "(`curvzoo.ggn_diagonal`, a few vector-Jacobian products per sample); or an "
+        "unbiased estimate (`curvzoo.hutchinson_diagonal`, one product per probe).",
+        SlowCurvatureWarning,
+        stacklevel=4,
+    )
+
+
 def _is_concrete(leaf) -> bool:
     return not isinstance(leaf, jax.core.Tracer)
 
@@ -134,6 +170,7 @@ def evaluate(quantity: str, model, loss, batch, *, key=None, **kwargs) -> PyTree
     """Check, plan, run and verify one call of `quantity` (see the module docstring)."""
     prepared = prepare(quantity, model, loss, batch, key=key, **kwargs)
     plan, options = prepared.plan, prepared.request.options
+    _warn_if_slow(plan)
     model, batch, loss, args = prepared.trees
     if isinstance(loss, AbstractLoss):
         targets = batch[1]
