@@ -66,6 +66,22 @@ def _check_matches(named: list, model: eqx.Module) -> None:
             )
 
 
+def _check_not_a_pair(diagonal: PyTree) -> None:
+    """An `(estimate, stderr)` pair, as `hutchinson_diagonal(..., return_stderr=True)`
+    returns, is two diagonals: say so rather than summarising them as one."""
+    if (
+        isinstance(diagonal, tuple)
+        and len(diagonal) == 2
+        and isinstance(diagonal[0], eqx.Module)
+        and jax.tree.structure(diagonal[0]) == jax.tree.structure(diagonal[1])
+    ):
+        raise ValueError(
+            "`diagonal` is a pair of two model-shaped trees, like the `(estimate, stderr)` "
+            "that `hutchinson_diagonal(..., return_stderr=True)` returns; summarise one at "
+            "a time: `estimate, stderr = ...; summarize(estimate, model)`."
+        )
+
+
 def _with_share(stats: dict, trace: float) -> dict:
     # `None` (JSON null) rather than NaN where the trace is zero.
     stats["trace_share"] = stats["sum"] / trace if trace else None
@@ -109,6 +125,7 @@ def summarize(diagonal: PyTree, model: eqx.Module | None = None, *, top_k: int =
     summary["groups"]["recurrent.update"]["median_abs"]
     ```
     """
+    _check_not_a_pair(diagonal)
     named = _named_leaves(diagonal)
     if not named:
         raise ValueError("`diagonal` holds no arrays to summarise.")

@@ -242,3 +242,13 @@ def test_memory_budget_as_a_float(budget):
         cz.hessian_diagonal(MODEL, cz.losses.mse, BATCH, memory_budget=1.5)
     with pytest.raises(TypeError, match="`memory_budget` must be a number of bytes"):
         cz.hessian_diagonal(MODEL, cz.losses.mse, BATCH, memory_budget="1GB")
+
+
+def test_summarize_of_an_estimate_and_its_error():
+    pair = cz.hutchinson_diagonal(
+        MODEL, cz.losses.mse, BATCH, key=jax.random.key(0), num_probes=2, return_stderr=True
+    )
+    for model in (MODEL, None):
+        with pytest.raises(ValueError, match=r"summarise one at a time: `estimate, stderr"):
+            cz.analysis.summarize(pair, model)
+    cz.analysis.summarize(pair[0], MODEL)
