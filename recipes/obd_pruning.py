@@ -165,9 +165,16 @@ def plot(sparsities, table, path):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="fewer steps and sparsities (CI)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="obd_pruning_output", help="output directory")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the data split, the model and the training"
+    )
+    parser.add_argument(
+        "--out", default="obd_pruning_output", help="directory for the figure and the JSON results"
+    )
     args = parser.parse_args()
     main(quick=args.quick, seed=args.seed, out=args.out)
