@@ -109,9 +109,8 @@ def slq_kernel(
             image = product(vector.astype(flat.dtype)).astype(dtype)
             norm = jnp.maximum(norm, jnp.linalg.norm(image))
             basis, projected, following, _, _ = extend(
-                basis, projected, index, vector, image, floor_unit * norm,
-                jnp.roll(spare, index),
-            )  # fmt: skip
+                basis, projected, index, vector, image, floor_unit * norm, spare, index
+            )
             return basis, projected, following, norm
 
         init = (

@@ -172,12 +172,9 @@ def lanczos_kernel(
             index = jnp.where(full, keep, state.size)
         else:  # the basis can hold the whole space: never full before the end
             basis, projected, index = state.basis, state.projected, state.size
-        # A fresh vector after a breakdown: the spare Gaussian vector rolled by the step
-        # count (a permutation of independent Gaussians is one too).
-        spare_now = jnp.roll(spare, state.steps + 1)
         floor = floor_unit * jnp.maximum(state.norm, jnp.linalg.norm(image))
         basis, projected, pending, beta, breakdown = extend(
-            basis, projected, index, state.pending, image, floor, spare_now
+            basis, projected, index, state.pending, image, floor, spare, state.steps + 1
         )
         size = index + 1
         values, vectors, norm = _ritz(projected, size, which, k)

@@ -73,7 +73,7 @@ def orthogonalise(basis: Array, vector: Array) -> tuple[Array, Array]:
     return remainder, coefficients + more
 
 
-def extend(basis: Array, projected: Array, index, vector: Array, image: Array, floor, spare):
+def extend(basis: Array, projected: Array, index, vector: Array, image: Array, floor, spare, shift):
     """Add the unit `vector` (orthogonal to the basis) as row `index`, with its product
     `image = A vector`.
 
@@ -85,7 +85,8 @@ def extend(basis: Array, projected: Array, index, vector: Array, image: Array, f
 
     **Returns:** `(basis, projected, next, beta, breakdown)`: `next` is the unit vector
     to add after it, the remainder of `image` normalised, or on a breakdown
-    (`beta = |remainder| <= floor`) the vector `spare` orthogonalised."""
+    (`beta = |remainder| <= floor`) the vector `spare`, rolled by `shift` (a
+    permutation of independent random entries is one too), orthogonalised."""
     basis = jax.lax.dynamic_update_slice_in_dim(basis, vector[None], index, 0)
     previous = basis[jnp.maximum(index - 1, 0)] * (index > 0)
     own = jnp.vdot(vector, image)
@@ -99,7 +100,8 @@ def extend(basis: Array, projected: Array, index, vector: Array, image: Array, f
     breakdown = beta <= floor
 
     def fresh():
-        replacement, _ = orthogonalise(basis, orthogonalise(basis, spare)[0])
+        rolled = jnp.roll(spare, shift)
+        replacement, _ = orthogonalise(basis, orthogonalise(basis, rolled)[0])
         tiny = jnp.finfo(replacement.dtype).tiny
         return replacement / jnp.maximum(jnp.linalg.norm(replacement), tiny)
 
