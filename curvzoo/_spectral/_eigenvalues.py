@@ -326,7 +326,8 @@ def hessian_eigenvalues(
     **Cost:** one product per Lanczos step, each about the work of one to two
     gradients (the gradient, or the prediction, is linearised once), plus `k` for the
     residuals; an extreme, well-separated eigenvalue typically needs a few dozen steps
-    where power iteration needs hundreds (see the benchmark in the docs). Each step also
+    where power iteration needs hundreds (to a relative residual of `1e-4`: 47
+    products against 279 on a 784-256-256-10 MLP, 21 against 51 on a GRU). Each step also
     orthogonalises the product against the basis, reading its `krylov_size x P` array
     twice (`2 krylov_size P` multiply-adds), and solves the small
     `krylov_size x krylov_size` eigenproblem. Where products are cheap next to that (an
