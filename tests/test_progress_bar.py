@@ -48,6 +48,6 @@ def test_the_line_is_throttled(monkeypatch):
     for index in range(2000):
         _progress._show("chunks", np.asarray(index), 2000)
     writes = stream.getvalue().count("\r")
-    assert writes <= 2000 * 0.001 / _progress._INTERVAL + 2
+    assert writes <= 2000 * 0.001 / _progress.INTERVAL + 2
     assert stream.getvalue().endswith("\n") and "2000/2000 (100.0%)" in stream.getvalue()
     assert "s left" in stream.getvalue()

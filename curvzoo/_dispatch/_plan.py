@@ -34,6 +34,7 @@ from .._kernels._vjp import VJPKernel
 from .._losses import AbstractLoss, capabilities
 from .._run._checks import check_batch
 from .._run._memory import DEFAULT_MEMORY_BUDGET
+from .._run._progress import INTERVAL as REPORT_INTERVAL
 from ._costs import estimated_seconds
 from ._routes import bind, Context, GenericRoute, HutchinsonRoute, SampleRoute
 from ._signature import Layout, TracedLoss, WithArgs
@@ -164,6 +165,7 @@ class Plan:
     memory_bytes: int
     memory_budget: int
     extra: str | None = None
+    progress_every: int = 0
     route: object = dataclasses.field(default=None, compare=False)
     prediction_shape: tuple | None = dataclasses.field(default=None, compare=False)
 
@@ -384,6 +386,10 @@ def build_plan(request: Request) -> Plan:
         ggn_chunk = _chunk(None, cost.extra_lane_bytes, batch_size, budget)
         route = dataclasses.replace(route, ggn_chunk=ggn_chunk)
     work = cost.total()
+    progress_every = 0
+    if options.progress:  # a report every quarter of a second of estimated run time
+        per_chunk = estimated_seconds(work.work, route.name) / num_chunks
+        progress_every = max(1, min(num_chunks, math.ceil(REPORT_INTERVAL / max(per_chunk, 1e-9))))
     return Plan(
         quantity=quantity,
         kernel=route.name,
@@ -399,6 +405,7 @@ def build_plan(request: Request) -> Plan:
         memory_bytes=int(memory),
         memory_budget=budget,
         extra=cost.extra_text,
+        progress_every=progress_every,
         route=route,
         prediction_shape=prediction_shape,
     )
@@ -435,7 +442,7 @@ def runner(request: Request, plan: Plan) -> Callable:
         args = None if request.args is None else request.args.rebuild(args_arrays)
         ctx = Context(
             request.quantity, params, static, loss, batch, args, key, plan.batch_size,
-            plan.prediction_shape, options,
+            plan.prediction_shape, options, plan.progress_every,
         )  # fmt: skip
         result = route.run(ctx, plan.chunk)
         if not options.check_finite:

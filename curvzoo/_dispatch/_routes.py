@@ -39,6 +39,7 @@ class Context:
     batch_size: int
     prediction_shape: tuple | None
     options: Any
+    progress: int = 0  # report every `progress`-th chunk (0: never), set by the plan
 
     def bound_loss(self):
         """The loss as `loss(model, batch)`, with `args` bound where given."""
@@ -137,7 +138,7 @@ class SampleRoute:
         return run_sample_kernel(
             self.kernel, ctx.params, ctx.static, ctx.loss, self.samples(ctx),
             scale=ctx.scale(keep), chunk=chunk, keep_samples=keep,
-            progress=ctx.options.progress, mesh=ctx.options.mesh,
+            progress=ctx.progress, mesh=ctx.options.mesh,
         )  # fmt: skip
 
 
@@ -194,7 +195,7 @@ class GenericRoute:
         )
         return kernel(
             ctx.params, ctx.static, ctx.bound_loss(), ctx.batch, chunk=chunk,
-            progress=ctx.options.progress, mesh=ctx.options.mesh,
+            progress=ctx.progress, mesh=ctx.options.mesh,
         )  # fmt: skip
 
 
@@ -233,7 +234,7 @@ class HutchinsonRoute:
             ctx.params, ctx.static, ctx.bound_loss(), ctx.batch,
             scale=ctx.scale(False) if subtract else 1.0, key=ctx.key,
             num_probes=ctx.options.num_probes, subtract_ggn=subtract, chunk=chunk,
-            progress=ctx.options.progress, mesh=ctx.options.mesh,
+            progress=ctx.progress, mesh=ctx.options.mesh,
         )  # fmt: skip
         if subtract:
             ggn_ctx = dataclasses.replace(

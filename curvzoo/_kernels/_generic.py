@@ -37,7 +37,7 @@ def generic_hessian_diagonal(
     batch: PyTree,
     *,
     chunk: int,
-    progress: bool = False,
+    progress: int = 0,
     mesh=None,
 ) -> PyTree:
     """Exact `diag(H)` of `loss(combine(params, static), batch)` w.r.t. `params`.
@@ -82,7 +82,7 @@ def generic_per_sample_hessian_diagonal(
     batch: PyTree,
     *,
     chunk: int,
-    progress: bool = False,
+    progress: int = 0,
     mesh=None,
 ) -> PyTree:
     """The generic kernel on each sample's one-sample batch in turn: `diag` of

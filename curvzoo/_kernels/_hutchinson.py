@@ -65,7 +65,7 @@ def hutchinson_kernel(
     num_probes: int,
     subtract_ggn: bool,
     chunk: int,
-    progress: bool = False,
+    progress: int = 0,
     mesh=None,
 ) -> tuple[PyTree, PyTree]:
     """The mean of `z * (A z)` over `num_probes` Rademacher probes and its standard

@@ -47,7 +47,7 @@ def chunked(
     init: PyTree | None = None,
     dtype=jnp.float32,
     mesh=None,
-    progress: bool = False,
+    progress: int = 0,
     label: str = "lanes",
 ) -> PyTree:
     """Run `fn(chunk_lanes, mask)` over `lanes` (a PyTree of arrays sharing a leading
@@ -63,7 +63,8 @@ def chunked(
         `reduce(carry, chunk_result)` folds them, starting from `init`.
     - `mesh`: if given, each chunk's lanes are split over the mesh's devices where they
         divide evenly.
-    - `progress`, `label`: report the chunks as they go (`curvzoo`'s progress line).
+    - `progress`, `label`: report every `progress`-th chunk (and the last) as they go
+        (`curvzoo`'s progress display); `0` reports nothing.
 
     **Cost:** `num_chunks` calls of `fn`, one after another (`jax.lax.scan`); memory
     holds one chunk's working set at a time, plus for `"stack"` the whole result. A single
@@ -84,7 +85,11 @@ def chunked(
     masks = (jnp.arange(padded) < num).astype(dtype).reshape(num_chunks, chunk)
 
     def one(index, chunk_lanes, mask):
-        report(progress, label, index, num_chunks)
+        if progress > 1 and num_chunks > 1:  # only every `progress`-th chunk calls back
+            due = (index % progress == 0) | (index == num_chunks - 1)
+            jax.lax.cond(due, lambda: report(True, label, index, num_chunks), lambda: None)
+        else:
+            report(bool(progress), label, index, num_chunks)
         chunk_lanes = jax.tree.map(lambda leaf: split_lanes(leaf, mesh), chunk_lanes)
         return fn(chunk_lanes, mask)
 

@@ -76,7 +76,7 @@ def run_sample_kernel(
     scale,
     chunk: int,
     keep_samples: bool = False,
-    progress: bool = False,
+    progress: int = 0,
     mesh=None,
 ) -> PyTree:
     """`scale * sum_n d_n` (or, with `keep_samples`, every `scale * d_n` on a new

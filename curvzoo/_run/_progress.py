@@ -9,8 +9,9 @@ make no such call, so their compiled code is unchanged. What is shown:
 - otherwise one line on standard error, rewritten in place at most four times a second
   (items done, percentage, rate, time left) and ended when the last chunk is done.
 
-Either way the callback costs tens of microseconds per chunk, and the screen is written
-at most a few times a second, however many chunks there are.
+A callback costs a fraction of a millisecond, so the plan (`curvzoo.plan`) calls back
+only every so many chunks: about every `INTERVAL` seconds of estimated run time, and at
+the last chunk. The screen is written at most a few times a second.
 """
 
 import sys
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 
 
-_INTERVAL = 0.25  # seconds between two writes of the line
+INTERVAL = 0.25  # seconds between two writes of the line
 
 
 def _tqdm():
@@ -43,7 +44,7 @@ class _Line:
     def update(self, done: int) -> None:
         self.done = done
         now = time.perf_counter()
-        if done < self.total and now - self.written < _INTERVAL:
+        if done < self.total and now - self.written < INTERVAL:
             return
         self.written = now
         line = f"\r{self.label}: {done}/{self.total} ({100 * done / self.total:5.1f}%)"
@@ -63,7 +64,7 @@ class _Bar:
     """A `tqdm` bar."""
 
     def __init__(self, label: str, total: int, tqdm):
-        self.bar = tqdm(total=total, desc=label, mininterval=_INTERVAL, file=sys.stderr)
+        self.bar = tqdm(total=total, desc=label, mininterval=INTERVAL, file=sys.stderr)
         self.done = 0
 
     def update(self, done: int) -> None:
