@@ -252,3 +252,20 @@ def test_summarize_of_an_estimate_and_its_error():
         with pytest.raises(ValueError, match=r"summarise one at a time: `estimate, stderr"):
             cz.analysis.summarize(pair, model)
     cz.analysis.summarize(pair[0], MODEL)
+
+
+def test_the_spectral_tools_read_the_loss_at_each_call():
+    weight = 1.0
+    loss = lambda m, b: weight * cz.losses.mse(m, b)  # noqa: E731
+    key = jax.random.key(0)
+    first = cz.hessian_eigenvalues(MODEL, loss, BATCH, key=key).eigenvalues
+    weight = 4.0
+    second = cz.hessian_eigenvalues(MODEL, loss, BATCH, key=key).eigenvalues
+    np.testing.assert_allclose(second, 4 * first, rtol=1e-8)
+    operator = cz.hessian_operator(MODEL, loss, BATCH)
+    vector = jax.tree.map(jnp.ones_like, eqx.filter(MODEL, eqx.is_inexact_array))
+    weight = 2.0
+    again = cz.hessian_operator(MODEL, loss, BATCH)
+    np.testing.assert_allclose(
+        _flat(again.mv(vector)), 0.5 * _flat(operator.mv(vector)), rtol=1e-10
+    )

@@ -143,6 +143,29 @@ def _custom_rules(jaxpr, found: list) -> None:
                     _custom_rules(sub, found)
 
 
+def fresh(loss, model, batch, args=None):
+    """`loss` ready to be passed into compiled code so that its result is that of the
+    loss as it stands now: an Equinox module as it is (its arrays are inputs), any other
+    callable traced at these shapes (`TracedLoss`). Raises where the loss does not
+    return a real scalar."""
+    if isinstance(loss, eqx.Module):
+        return loss
+    args_layout = None if args is None else flatten(args)[1]
+    traced, out = trace_loss(loss, flatten(model)[1], flatten(batch)[1], args_layout)
+    check_scalar(traced, out)
+    return traced
+
+
+def check_scalar(traced, out) -> None:
+    """A traced loss must return one real floating-point scalar."""
+    if traced is None or not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+        shape = getattr(out, "shape", None)
+        got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
+        raise ValueError(f"`loss` must return a scalar, but `loss(model, batch)` gives {got}.")
+    if not np.issubdtype(out.dtype, np.floating):
+        raise ValueError(f"`loss` must return a real floating-point scalar, got dtype {out.dtype}.")
+
+
 class TracedLoss(eqx.Module):
     """A callable loss, traced at the call's shapes: `loss(model, batch[, args])`
     evaluated from its program, the arrays it captured passed in as `consts`."""

@@ -22,7 +22,14 @@ import numpy as np
 from jaxtyping import PyTree
 
 from .._dispatch._plan import build_plan, duration, Options, Plan, Request, runner
-from .._dispatch._signature import flatten, hashable, Layout, trace_loss, WithArgs
+from .._dispatch._signature import (
+    check_scalar,
+    flatten,
+    hashable,
+    Layout,
+    trace_loss,
+    WithArgs,
+)
 from .._losses import AbstractLoss
 from ._checks import check_batch, check_loss, check_model, raise_non_finite, trained
 from ._devices import check_mesh, place_batch, replicate
@@ -101,7 +108,7 @@ def prepare(
         one = quantity == "hessian" and options.per_sample
         traced_layout = batch_layout.with_leading(1) if one else batch_layout
         traced, out = trace_loss(loss, model_layout, traced_layout, args_layout)
-        _check_traced_output(traced, out)
+        check_scalar(traced, out)
         loss = traced
     loss_arrays, loss_layout = flatten(loss)
     key_aval = None if key is None else (tuple(key.shape), key.dtype)
@@ -116,15 +123,6 @@ def prepare(
     plan, compiled = _remember(_PLANS, request, make)
     arrays = [model_arrays, batch_arrays, loss_arrays, args_arrays]
     return Prepared(request, plan, compiled, arrays, trees)
-
-
-def _check_traced_output(traced, out) -> None:
-    if traced is None or not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
-        shape = getattr(out, "shape", None)
-        got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
-        raise ValueError(f"`loss` must return a scalar, but `loss(model, batch)` gives {got}.")
-    if not np.issubdtype(out.dtype, np.floating):
-        raise ValueError(f"`loss` must return a real floating-point scalar, got dtype {out.dtype}.")
 
 
 class SlowCurvatureWarning(UserWarning):

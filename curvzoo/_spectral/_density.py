@@ -224,7 +224,7 @@ def spectral_density(
     dtype = work_dtype(problem.params)
     probes = random_vectors(key, 2 * num_probes, problem.size, dtype, "rademacher")
     nodes, weights, mean, mean_stderr = slq_kernel(
-        problem.params, problem.static, loss, problem.batch, problem.scale,
+        problem.params, problem.static, problem.loss, problem.batch, problem.scale,
         probes.reshape(num_probes, 2, problem.size), operator, int(num_matvecs),
         problem.memory_budget,
     )  # fmt: skip

@@ -382,7 +382,7 @@ def hessian_eigenvalues(
     keep = min(krylov_size - 1, k + (krylov_size - k) // 2)
     start_vectors = random_vectors(key, 2, size, work_dtype(problem.params), "normal")
     values, vectors, residuals, products, converged = lanczos_kernel(
-        problem.params, problem.static, loss, problem.batch, problem.scale, start_vectors,
+        problem.params, problem.static, problem.loss, problem.batch, problem.scale, start_vectors,
         operator, int(k), jnp.asarray(_WHICH.index(which)), int(krylov_size), int(keep),
         jnp.asarray(tol), jnp.asarray(atol), jnp.asarray(max_matvecs),
     )  # fmt: skip

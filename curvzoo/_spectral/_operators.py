@@ -125,7 +125,7 @@ def _operator(kind: str, model, loss, batch, filter_spec, check_finite, mesh):
         model, loss, batch, operator=kind, filter_spec=filter_spec, memory_budget=None,
         check_finite=check_finite, mesh=mesh,
     )  # fmt: skip
-    args = (problem.params, problem.static, loss, problem.batch)
+    args = (problem.params, problem.static, problem.loss, problem.batch)
     structure = jax.eval_shape(lambda: problem.params)
     if kind == "hessian":
         return lx.FunctionLinearOperator(

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
+from .._dispatch._signature import fresh
 from .._losses import AbstractLoss, split_batch
 from .._run._checks import (
     check_batch,
@@ -167,6 +168,7 @@ class Problem(NamedTuple):
     """What every spectral function needs once the arguments are checked."""
 
     model: eqx.Module  # replicated on `mesh` when one is given
+    loss: Any  # a callable that is not an Equinox module: traced now (`fresh`)
     params: PyTree  # the trained leaves; `None` elsewhere
     static: PyTree
     batch: PyTree  # split over `mesh` when one is given
@@ -198,6 +200,7 @@ def prepare(
     check_bool(check_finite, "check_finite")
     model = replicate(model, mesh)
     params, static = split_trainable(model, filter_spec)
+    loss = fresh(loss, model, batch)
     prediction_shape = _check_loss_output(loss, model, batch)
     if check_finite:
         check_finite_inputs(model, batch)
@@ -207,4 +210,4 @@ def prepare(
     batch = _place_batch(batch, mesh, size)
     count = sum(int(np.prod(jnp.shape(leaf))) for leaf in jax.tree.leaves(params))
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-    return Problem(model, params, static, batch, scale, count, budget)
+    return Problem(model, loss, params, static, batch, scale, count, budget)

@@ -211,7 +211,7 @@ def hessian_trace(
         key, sketch_size + num_probes, problem.size, work_dtype(problem.params), "rademacher"
     )
     estimate, stderr = hutchpp_kernel(
-        problem.params, problem.static, loss, problem.batch, problem.scale,
+        problem.params, problem.static, problem.loss, problem.batch, problem.scale,
         vectors[:sketch_size], vectors[sketch_size:], operator, problem.memory_budget,
     )  # fmt: skip
     if check_finite:
