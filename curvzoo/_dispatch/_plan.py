@@ -114,13 +114,13 @@ def _layered(found: Layered, quantity: str, trained_tree) -> AbstractSampleKerne
 @sample_kernel.register(Recurrent)
 def _recurrent(found: Recurrent, quantity: str, trained_tree) -> AbstractSampleKernel:
     del trained_tree
-    if quantity != "hessian":
+    if quantity not in ("hessian", "ggn"):
         raise Unsupported(
-            "the zoo RNN has a structured kernel for the Hessian only; this diagonal takes "
-            "`C` vector-Jacobian products per sample (`T C` for a per-step readout) with "
+            "the zoo RNN has a structured kernel for the Hessian and the GGN; squared "
+            "gradients take one vector-Jacobian product per sample and draw with "
             "`method='generic'`, which `'auto'` picks"
         )
-    return RecurrentKernel(found.chain)
+    return RecurrentKernel(found.chain, quantity)
 
 
 # ## The plan
@@ -429,9 +429,20 @@ def _check_draws(ctx: Context) -> None:
         )
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point entry of `tree` is finite: one boolean."""
+    leaves = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.size
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def runner(request: Request, plan: Plan) -> Callable:
     """The traced function that runs `plan` on one call's arrays: `run(model_arrays,
-    batch_arrays, loss_arrays, args_arrays, key) -> (result, finiteness flags | None)`,
+    batch_arrays, loss_arrays, args_arrays, key) -> (result, finite | None)`, with
+    `finite` whether every entry of the result is finite (with `check_finite`),
     to be `jax.jit`-compiled once per plan."""
     route, options = plan.route, request.options
 
@@ -447,12 +458,6 @@ def runner(request: Request, plan: Plan) -> Callable:
         result = route.run(ctx, plan.chunk)
         if not options.check_finite:
             return result, None
-        leaves = [
-            leaf
-            for leaf in jax.tree.leaves((model_arrays, batch_arrays, args_arrays, result))
-            if jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.size
-        ]
-        flags = jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
-        return result, flags
+        return result, all_finite(result)
 
     return run

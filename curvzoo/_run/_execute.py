@@ -7,12 +7,16 @@
    options) in a bounded cache, with its compiled program.
 3. *Run* the compiled program on this call's arrays: the result and, in the same
    program, one finiteness flag per floating-point input and output array.
-4. *Verify*: check concrete target values, read the flags, and name the leaf that holds
-   NaN or inf.
+4. *Verify*: check concrete target values and that the inputs and the result are
+   finite, naming the leaf that holds NaN or inf. Inputs are checked by one small
+   compiled reduction, and a `jax.Array` once checked is remembered (arrays are
+   immutable), so a repeated call on the same model and batch only checks its result,
+   inside the compiled program.
 """
 
 import collections
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +25,7 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
-from .._dispatch._plan import build_plan, duration, Options, Plan, Request, runner
+from .._dispatch._plan import all_finite, build_plan, duration, Options, Plan, Request, runner
 from .._dispatch._signature import (
     check_scalar,
     flatten,
@@ -179,12 +183,45 @@ def evaluate(quantity: str, model, loss, batch, *, key=None, **kwargs) -> PyTree
         model_arrays = replicate(model_arrays, options.mesh)
         split = plan.lanes == "samples" or options.per_sample
         batch_arrays = place_batch(batch_arrays, options.mesh, split=split, size=plan.batch_size)
+    if options.check_finite:
+        _check_inputs_finite(prepared.arrays, {"model": model, "batch": batch, "args": args})
     result, flags = prepared.compiled(model_arrays, batch_arrays, loss_arrays, args_arrays, key)
     result = _unwrapped(result)
     if flags is not None and _is_concrete(flags) and not np.asarray(flags).all():
         trees = {"model": model, "batch": batch, "args": args, "diagonal": result}
         raise_non_finite(trees, results=("diagonal",))
     return result
+
+
+_FINITE: dict = {}  # id -> weak reference, for the `jax.Array`s found finite
+_all_finite = jax.jit(all_finite)
+
+
+def _known_finite(leaf) -> bool:
+    ref = _FINITE.get(id(leaf))
+    return ref is not None and ref() is leaf
+
+
+def _remember_finite(leaf) -> None:
+    key = id(leaf)
+    _FINITE[key] = weakref.ref(leaf, lambda _: _FINITE.pop(key, None))
+
+
+def _check_inputs_finite(arrays: list, trees: dict) -> None:
+    """Raise naming the first input leaf with NaN or inf. Arrays already found finite
+    are skipped (a `jax.Array` cannot change); under a trace nothing can be checked."""
+    leaves = [
+        leaf
+        for leaf in jax.tree.leaves(arrays[:2] + arrays[3:])
+        if np.issubdtype(leaf.dtype, np.inexact) and not _known_finite(leaf)
+    ]
+    if not leaves or not all(_is_concrete(leaf) for leaf in leaves):
+        return
+    if not bool(_all_finite(leaves)):
+        raise_non_finite(trees)
+    for leaf in leaves:
+        if isinstance(leaf, jax.Array):
+            _remember_finite(leaf)
 
 
 def _unwrapped(result):
