@@ -43,10 +43,16 @@ def test_the_plan_says_why_a_faster_kernel_does_not_apply():
     plan = cz.plan(MLP, lambda m, b: cz.losses.cross_entropy(m, b), (X, Y))
     assert plan.kernel == "generic" and "custom callable" in plan.reason
     text = repr(plan)
-    for piece in ("Hessian diagonal of MLP", "P = 26", "generic", "because", "custom callable"):
+    for piece in (
+        "Hessian diagonal of curvzoo.MLP",
+        "P = 26",
+        "generic",
+        "because",
+        "custom callable",
+    ):
         assert piece in text
-    gru = cz.plan(GRU, cz.losses.cross_entropy, (XS, Y), quantity="ggn")
-    assert gru.kernel == "vjp" and "Hessian only" in gru.reason
+    generic = cz.plan(GRU, cz.losses.cross_entropy, (XS, Y), quantity="ggn", method="generic")
+    assert generic.kernel == "vjp" and generic.reason is None
     assert cz.plan(GRU, cz.losses.cross_entropy, (XS, Y)).kernel == "recurrent"
     hutch = cz.plan(MLP, cz.losses.cross_entropy, (X, Y), quantity="hutchinson",
                     control_variate="ggn", num_probes=4)  # fmt: skip

@@ -37,7 +37,7 @@ from .._run._memory import DEFAULT_MEMORY_BUDGET
 from .._run._progress import INTERVAL as REPORT_INTERVAL
 from ._costs import estimated_seconds
 from ._routes import bind, Context, GenericRoute, HutchinsonRoute, SampleRoute
-from ._signature import Layout, TracedLoss, WithArgs
+from ._signature import check_scalar, Layout, TracedLoss, WithArgs
 from ._structures import describe, Layered, Recurrent, Unsupported
 
 
@@ -139,7 +139,8 @@ class Plan:
         GGN family's general kernel) or `"hutchinson"`.
     - `reason`: why no faster kernel applies, naming the part of the model or the loss
         (as the error of `method="structured"` would), or `None`.
-    - `model`: the model's type name; `num_params`: its trained entries `P`;
+    - `model`: the model's type (`curvzoo.MLP`, `equinox.nn.MLP`, ...); `num_params`: its
+        trained entries `P`;
         `batch_size`: `N`.
     - `lanes`: what the work is chunked over (`"samples"`, `"basis vectors"` or
         `"probes"`): `num_chunks` chunks of `chunk` lanes.
@@ -222,15 +223,6 @@ def _abstract_arrays(layout: Layout) -> list:
     return [jax.ShapeDtypeStruct(s, d, weak_type=w) for s, d, w in layout.avals]
 
 
-def _check_scalar(out) -> None:
-    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
-        shape = getattr(out, "shape", None)
-        got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
-        raise ValueError(f"`loss` must return a scalar, but `loss(model, batch)` gives {got}.")
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise ValueError(f"`loss` must return a real floating-point scalar, got dtype {out.dtype}.")
-
-
 def check_loss_output(loss, model, batch, args) -> tuple | None:
     """Trace the loss (no compute): it must return a real scalar, and a curvzoo loss's
     targets must fit its predictions. **Returns:** the shape of the batch of
@@ -242,7 +234,7 @@ def check_loss_output(loss, model, batch, args) -> tuple | None:
         if isinstance(loss, AbstractLoss):
             prediction_shape = loss.prediction_shape(model, batch)
         out = eqx.filter_eval_shape(lambda l, m, b, a: bind(l, a)(m, b), loss, model, batch, args)
-        _check_scalar(out)
+        check_scalar(out)
     except TypeError as error:
         if "required positional argument" not in str(error):
             raise
@@ -337,12 +329,24 @@ def _choose(ctx: Context, model, trained_tree):
         return general, reason
     if route.name == "recurrent" and method == "auto":
         mine, theirs = route.cost(ctx).total(), general.cost(ctx).total()
-        if estimated_seconds(mine.work, "recurrent") > estimated_seconds(theirs.work, "generic"):
+        if estimated_seconds(mine.work, "recurrent") > estimated_seconds(theirs.work, general.name):
             return general, (
-                f"the recurrent kernel's estimate here ({mine.work:.3g} operations) is above "
-                f"the generic kernel's ({theirs.work:.3g}): a long sequence through few units"
+                f"the recurrent kernel's estimated time here is above the {KERNELS[general.name]}"
+                f" kernel's ({mine.work:.3g} against {theirs.work:.3g} operations)"
             )
     return route, None
+
+
+def _type_name(model) -> str:
+    """`curvzoo.MLP`, `equinox.nn.MLP`, `MyModel`: the public path of the model's type
+    (its module's path up to the first private part)."""
+    cls = type(model)
+    public = []
+    for part in cls.__module__.split("."):
+        if part.startswith("_"):
+            break
+        public.append(part)
+    return ".".join(public + [cls.__qualname__]) if public else cls.__qualname__
 
 
 def _chunk(requested: int | None, lane_bytes: int, total: int, budget: int) -> int:
@@ -394,7 +398,7 @@ def build_plan(request: Request) -> Plan:
         quantity=quantity,
         kernel=route.name,
         reason=reason,
-        model=type(model.model if isinstance(model, WithArgs) else model).__name__,
+        model=_type_name(model.model if isinstance(model, WithArgs) else model),
         num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
         batch_size=batch_size,
         lanes=cost.lanes,

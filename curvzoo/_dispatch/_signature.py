@@ -152,13 +152,14 @@ def fresh(loss, model, batch, args=None):
         return loss
     args_layout = None if args is None else flatten(args)[1]
     traced, out = trace_loss(loss, flatten(model)[1], flatten(batch)[1], args_layout)
-    check_scalar(traced, out)
+    check_scalar(out)
     return traced
 
 
-def check_scalar(traced, out) -> None:
-    """A traced loss must return one real floating-point scalar."""
-    if traced is None or not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+def check_scalar(out) -> None:
+    """A loss must return one real floating-point scalar (`out`: the abstract value it
+    returns)."""
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
         shape = getattr(out, "shape", None)
         got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
         raise ValueError(f"`loss` must return a scalar, but `loss(model, batch)` gives {got}.")
@@ -208,8 +209,7 @@ def trace_loss(
     closed, shape = jax.make_jaxpr(call, return_shape=True)(
         abstract(model_layout), abstract(batch_layout), abstract(args_layout)
     )
-    if len(closed.jaxpr.outvars) != 1:
-        return None, shape
+    check_scalar(shape)
     rules: list = []
     _custom_rules(closed.jaxpr, rules)
     program = _Program(closed, tuple(rules))

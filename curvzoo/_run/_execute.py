@@ -27,7 +27,6 @@ from jaxtyping import PyTree
 
 from .._dispatch._plan import all_finite, build_plan, duration, Options, Plan, Request, runner
 from .._dispatch._signature import (
-    check_scalar,
     flatten,
     hashable,
     Layout,
@@ -111,9 +110,7 @@ def prepare(
         # Per sample, the generic kernel calls the loss on one-sample batches.
         one = quantity == "hessian" and options.per_sample
         traced_layout = batch_layout.with_leading(1) if one else batch_layout
-        traced, out = trace_loss(loss, model_layout, traced_layout, args_layout)
-        check_scalar(traced, out)
-        loss = traced
+        loss, _ = trace_loss(loss, model_layout, traced_layout, args_layout)
     loss_arrays, loss_layout = flatten(loss)
     key_aval = None if key is None else (tuple(key.shape), key.dtype)
     request = Request(

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
+from .._dispatch._plan import check_loss_output
 from .._dispatch._signature import fresh
 from .._losses import AbstractLoss, split_batch
 from .._run._checks import (
@@ -92,24 +93,16 @@ def require_per_sample_form(loss: Any, operator: str) -> None:
 
 
 def _check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> tuple | None:
-    """Trace `loss(model, batch)` (no compute): it must return a real scalar, and a
-    curvzoo loss's targets must fit its predictions (their values too, when concrete).
+    """As for the other functions (`curvzoo._dispatch._plan.check_loss_output`), and a
+    curvzoo loss's target values too, where they are concrete.
 
     **Returns:** for a curvzoo loss the shape of the batch of predictions, else `None`.
     """
-    prediction_shape = None
+    prediction_shape = check_loss_output(loss, model, batch, None)
     if isinstance(loss, AbstractLoss):
-        prediction_shape = tuple(loss.prediction_shape(model, batch))
         targets = split_batch(batch)[1]
         if not isinstance(targets, jax.core.Tracer):
             loss.check_values(prediction_shape, np.asarray(targets))
-    out = eqx.filter_eval_shape(loss, model, batch)
-    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
-        shape = getattr(out, "shape", None)
-        got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
-        raise ValueError(f"`loss` must return a scalar, but `loss(model, batch)` gives {got}.")
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise ValueError(f"`loss` must return a real floating-point scalar, got dtype {out.dtype}.")
     return prediction_shape
 
 
