@@ -7,10 +7,31 @@ the sum over samples by (`scale`). For every curvzoo loss
 
     loss(model, (x, y)) == loss.scale(N, prediction_shape)
                            * sum_n loss.per_sample(model(x[n]), y[n]).
+
+## Sequences of different lengths
+
+A batch may be a triple `(inputs, targets, lengths)`, with `lengths` an integer array
+`(N,)`: sequence `n` holds `lengths[n]` steps, in `[1, T]`, and the steps after them are
+padding. The model is called as `model(x[n], lengths[n])` (the zoo `RNN` reads its
+last-state readout at step `length - 1`). Where one sample's prediction has a step axis
+(two or more axes, steps first: per-step targets `(N, T, ...)`), the steps at or past
+the length are left out of the loss, and with `reduction="mean"` the loss is the mean
+over the valid steps of all sequences (and over each step's elements): the sum of the
+valid per-step losses divided by `sum(lengths)` (times the elements of one step),
+
+    loss(model, (x, y, lengths)) == loss.scale(N, prediction_shape, lengths)
+        * sum_n loss.sample_loss(model(x[n], lengths[n]), y[n], lengths[n]).
+
+Every valid step weighs the same, whatever the length of its sequence: a language
+model's mean per-token loss (whose exponential is the perplexity), as
+`torch.nn.CrossEntropyLoss(ignore_index=...)` and the masked means of JAX training loops
+(`sum(loss * mask) / sum(mask)`) compute it. With every length equal to `T` it is the
+loss without lengths.
 """
 
 import abc
 import dataclasses
+import inspect
 import math
 import weakref
 
@@ -29,15 +50,84 @@ _BASES: tuple | None = None
 
 
 def split_batch(batch: PyTree) -> tuple[PyTree, PyTree]:
-    """Split a curvzoo loss's batch into `(inputs, targets)`, with a clear error."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+    """Split a curvzoo loss's batch into `(inputs, targets)`, with a clear error (the
+    lengths of a triple `(inputs, targets, lengths)` are dropped: see `batch_parts`)."""
+    inputs, targets, _ = batch_parts(batch)
+    return inputs, targets
+
+
+def batch_parts(batch: PyTree) -> tuple[PyTree, PyTree, PyTree | None]:
+    """Split a curvzoo loss's batch into `(inputs, targets, lengths)`, `lengths` `None`
+    for a pair `(inputs, targets)`; a clear error for anything else."""
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
         raise ValueError(
-            "`batch` for a curvzoo loss must be a pair `(inputs, targets)` whose leaves "
+            "`batch` for a curvzoo loss must be a pair `(inputs, targets)` (or a triple "
+            "`(inputs, targets, lengths)` for sequences of different lengths) whose leaves "
             f"have a leading batch axis; got {type(batch).__name__}"
             + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
             + "."
         )
-    return batch[0], batch[1]
+    return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
+
+
+def has_steps(prediction_shape: tuple[int, ...]) -> bool:
+    """Whether one sample's prediction of this shape has a step axis, for lengths to
+    mask: a prediction of two or more axes has its steps on the leading one (`(T, C)`
+    logits, `(T, out)` regression outputs)."""
+    return len(prediction_shape) >= 2
+
+
+def steps_of(inputs: PyTree) -> int | None:
+    """The padded length `T` of a batch of sequences: the second axis of its (first)
+    input array, or `None` if it has none."""
+    leaves = jax.tree.leaves(inputs)
+    if not leaves or jnp.ndim(leaves[0]) < 2:
+        return None
+    return int(jnp.shape(leaves[0])[1])
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_takes_length(model) -> None:
+    """A batch with lengths calls `model(x, length)`: the model must take a second
+    argument."""
+    try:
+        inspect.signature(model).bind(None, None)
+    except TypeError:
+        raise ValueError(
+            "`batch` for a curvzoo loss must be a pair `(inputs, targets)` for this model: a "
+            "triple `(inputs, targets, lengths)` calls `model(x, length)` on every sequence, "
+            f"and {type(model).__name__} takes no length (the zoo `RNN` does)."
+        ) from None
+    except ValueError:  # no signature to read: let the call decide
+        pass
+
+
+def _check_lengths_array(shape, dtype, input_leaves) -> None:
+    """Lengths are one integer per sequence (checked before the model sees them)."""
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            "`batch` lengths (its third element) must be integers, one per sequence; got "
+            f"dtype {dtype}."
+        )
+    size = jnp.shape(input_leaves[0])[0] if input_leaves and jnp.ndim(input_leaves[0]) else None
+    if len(shape) != 1 or (size is not None and shape[0] != size):
+        raise ValueError(
+            f"`batch` lengths (its third element) must have shape ({size},), one length per "
+            f"sequence, got {tuple(shape)}."
+        )
+
+
+def _valid_targets(prediction_shape: tuple, targets, lengths) -> np.ndarray:
+    """The targets at valid steps only (all of them without lengths or steps), with the
+    targets' trailing axes: padded steps may hold any value (a padding label, say)."""
+    targets = np.asarray(targets)
+    if lengths is None or not has_steps(tuple(prediction_shape[1:])):
+        return targets
+    valid = np.arange(targets.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    return targets[valid][None]
 
 
 class AbstractLoss(eqx.Module):
@@ -103,46 +193,160 @@ class AbstractLoss(eqx.Module):
         """Check concrete target values (not tracers); the default accepts anything."""
         del prediction_shape, targets
 
-    def scale(self, batch_size: int, prediction_shape: tuple[int, ...]) -> float:
+    def scale(
+        self, batch_size: int, prediction_shape: tuple[int, ...], lengths: Array | None = None
+    ) -> float | Array:
         """The factor that multiplies the sum of per-sample losses.
 
         `1` for `reduction="sum"`, `1 / (batch_size * elements_per_sample)` for `"mean"`.
-        `prediction_shape` is one sample's prediction shape.
+        `prediction_shape` is one sample's prediction shape. With `lengths` (`(N,)`,
+        `N = batch_size`) and a prediction with a step axis, `"mean"` is over the valid
+        steps, `1 / (sum(lengths) * elements of one step)`, an array (see the module
+        docstring); for one sample, `1 / (length * elements of one step)`.
         """
         if self.reduction == "sum":
             return 1.0
-        return 1.0 / (batch_size * self.elements_per_sample(prediction_shape))
+        if lengths is None or not has_steps(tuple(prediction_shape)):
+            return 1.0 / (batch_size * self.elements_per_sample(prediction_shape))
+        per_step = self.elements_per_sample(tuple(prediction_shape[1:]))
+        return 1.0 / (jnp.sum(jnp.asarray(lengths)) * per_step)
 
-    def predict(self, model, inputs: PyTree) -> Array:
-        """The model applied to every sample: `jax.vmap(model)(inputs)`."""
-        return jax.vmap(model)(inputs)
+    def sample_loss(self, prediction: Array, target: Array, length: Array | None = None) -> Scalar:
+        """One sample's loss, `per_sample(prediction, target)`, with the steps at or past
+        `length` left out where the prediction has a step axis (its leading axis, when
+        it has two or more): the sum of `per_sample` over the valid steps, which is the
+        masked loss for a loss that is a sum over steps (an `AbstractStepwiseLoss`, as
+        every curvzoo loss is)."""
+        if length is None or not has_steps(prediction.shape):
+            return self.per_sample(prediction, target)
+        terms = jax.vmap(self.per_sample)(prediction, target)
+        valid = jnp.arange(prediction.shape[0]) < length
+        return jnp.sum(jnp.where(valid, terms, jnp.zeros_like(terms)))
+
+    def step_mask(self, prediction: Array, length: Array | None) -> Array | None:
+        """`1` on the entries of one sample's `prediction` that belong to steps before
+        `length`, `0` on the padded ones, shaped to broadcast against it; `None` where
+        nothing is masked (no length, or no step axis). The masked loss's Hessian factor
+        is the unmasked factor's columns times this mask; its gradient, the gradient
+        times it."""
+        if length is None or not has_steps(prediction.shape):
+            return None
+        valid = (jnp.arange(prediction.shape[0]) < length).astype(prediction.dtype)
+        return valid.reshape(-1, *(1,) * (prediction.ndim - 1))
+
+    def predict(self, model, inputs: PyTree, lengths: Array | None = None) -> Array:
+        """The model applied to every sample: `jax.vmap(model)(inputs)`, or with
+        `lengths`, `jax.vmap(model)(inputs, lengths)`."""
+        if lengths is None:
+            return jax.vmap(model)(inputs)
+        return jax.vmap(model)(inputs, lengths)
+
+    def predictions(self, model, inputs: PyTree, lengths: Array | None = None) -> Array:
+        """`predict(model, inputs)`, or with lengths `predict(model, inputs, lengths)`
+        (so a subclass's `predict(model, inputs)` keeps working without lengths)."""
+        if lengths is None:
+            return self.predict(model, inputs)
+        _check_takes_length(model)
+        return self.predict(model, inputs, lengths)
 
     def __call__(self, model, batch: PyTree) -> Scalar:
         """**Arguments:**
 
         - `model`: a callable on one example, such as any zoo model.
-        - `batch`: a pair `(inputs, targets)` with a leading batch axis `N` on every leaf.
+        - `batch`: a pair `(inputs, targets)` with a leading batch axis `N` on every
+            leaf, or a triple `(inputs, targets, lengths)` for sequences of different
+            lengths (see `curvzoo.losses`).
 
         **Returns:**
 
         The reduced loss, a scalar.
         """
-        inputs, targets = split_batch(batch)
+        inputs, targets, lengths = batch_parts(batch)
         targets = jnp.asarray(targets)
-        predictions = self.predict(model, inputs)
+        if lengths is None:
+            predictions = self.predict(model, inputs)
+            self.check_shapes(predictions.shape, targets.shape, targets.dtype)
+            losses = jax.vmap(self.per_sample)(predictions, targets)
+            return self.scale(predictions.shape[0], predictions.shape[1:]) * jnp.sum(losses)
+        lengths = jnp.asarray(lengths)
+        _check_lengths_array(lengths.shape, lengths.dtype, jax.tree.leaves(inputs))
+        predictions = self.predictions(model, inputs, lengths)
         self.check_shapes(predictions.shape, targets.shape, targets.dtype)
-        losses = jax.vmap(self.per_sample)(predictions, targets)
-        return self.scale(predictions.shape[0], predictions.shape[1:]) * jnp.sum(losses)
+        self.check_lengths(predictions.shape, steps_of(inputs))
+        if _is_concrete(lengths):
+            self.check_length_values(np.asarray(lengths), steps_of(inputs))
+        losses = jax.vmap(self.sample_loss)(predictions, targets, lengths)
+        scale = self.scale(predictions.shape[0], predictions.shape[1:], lengths)
+        return scale * jnp.sum(losses)
 
     def prediction_shape(self, model, batch: PyTree) -> tuple[int, ...]:
-        """The shape of the batch of predictions, with the targets' shapes checked
-        against it. Traces the model (no compute)."""
-        inputs, targets = split_batch(batch)
+        """The shape of the batch of predictions, with the targets' (and lengths')
+        shapes checked against it. Traces the model (no compute)."""
+        inputs, targets, lengths = batch_parts(batch)
+        if lengths is not None:
+            _check_lengths_array(
+                jnp.shape(lengths), jnp.result_type(lengths), jax.tree.leaves(inputs)
+            )
         predictions = eqx.filter_eval_shape(
-            lambda loss, m, x: loss.predict(m, x), self, model, inputs
+            lambda loss, m, x, n: loss.predictions(m, x, n), self, model, inputs, lengths
         )
         self.check_shapes(predictions.shape, jnp.shape(targets), jnp.result_type(targets))
+        if lengths is not None:
+            self.check_lengths(predictions.shape, steps_of(inputs))
         return tuple(predictions.shape)
+
+    def check_lengths(self, prediction_shape: tuple[int, ...], steps: int | None) -> None:
+        """Raise a `ValueError` naming `batch` where the lengths of a batch
+        `(inputs, targets, lengths)` do not fit the model's predictions: inputs with a
+        step axis, per-step predictions (and so targets) with the inputs' `T` steps, and
+        a loss that is a sum over steps. Shapes include the batch axis."""
+        if steps is None:
+            raise ValueError(
+                "`batch` has lengths but its inputs have no step axis: a batch of sequences "
+                "has inputs of shape (N, T, ...), or (N, T) for token ids."
+            )
+        if not has_steps(tuple(prediction_shape[1:])):
+            return
+        if prediction_shape[1] != steps:
+            raise ValueError(
+                f"with lengths, per-step predictions must have the inputs' T = {steps} steps "
+                f"on their first axis after the batch axis (and so must the `batch` "
+                f"targets); the predictions have shape {tuple(prediction_shape)}."
+            )
+        if AbstractStepwiseLoss not in type(self).__mro__:
+            raise ValueError(
+                f"`loss` ({type(self).__name__}) cannot leave the padded steps of a `batch` "
+                "with lengths out: that needs a loss that is a sum over steps, a subclass "
+                "of `curvzoo.losses.AbstractStepwiseLoss`."
+            )
+
+    def check_length_values(self, lengths: np.ndarray, steps: int | None) -> None:
+        """Check concrete lengths (not tracers): every one in `[1, T]`."""
+        low, high = (int(lengths.min()), int(lengths.max())) if lengths.size else (1, 1)
+        if low < 1 or (steps is not None and high > steps):
+            raise ValueError(
+                f"`batch` lengths (its third element) must lie in [1, {steps}] (T, the "
+                f"padded length of the inputs), got values from {low} to {high}."
+            )
+
+    def check_batch_values(
+        self, prediction_shape: tuple[int, ...], batch: PyTree, model=None
+    ) -> None:
+        """Check the concrete values of `batch` (parts that are tracers are skipped):
+        the lengths, the targets (`check_values`, at valid steps only), and the inputs
+        where `model` has a method `check_input_values` (the zoo `RNN`'s token ids)."""
+        inputs, targets, lengths = batch_parts(batch)
+        if lengths is not None and _is_concrete(lengths):
+            lengths = np.asarray(lengths)
+            self.check_length_values(lengths, steps_of(inputs))
+        elif lengths is not None:
+            return  # lengths unknown: which target steps count is unknown too
+        if _is_concrete(targets):
+            valid = _valid_targets(prediction_shape, targets, lengths)
+            self.check_values(prediction_shape, valid)
+        checker = getattr(model, "check_input_values", None)
+        if callable(checker) and all(_is_concrete(leaf) for leaf in jax.tree.leaves(inputs)):
+            checker(inputs)
 
 
 class AbstractStepwiseLoss(AbstractLoss):
