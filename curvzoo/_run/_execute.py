@@ -214,7 +214,10 @@ def _check_inputs_finite(arrays: list, trees: dict) -> None:
     ]
     if not leaves or not all(_is_concrete(leaf) for leaf in leaves):
         return
-    if not bool(_all_finite(leaves)):
+    finite = _all_finite(leaves)
+    if not _is_concrete(finite):  # concrete arrays, but inside an outer trace
+        return
+    if not bool(finite):
         raise_non_finite(trees)
     for leaf in leaves:
         if isinstance(leaf, jax.Array):
