@@ -239,10 +239,15 @@ def test_per_sample_must_be_a_bool(setup, function):
 
 
 def test_structured_ggn_for_an_rnn_names_the_reason(getkey):
+    """The zoo RNN's structured kernel covers the Hessian and the GGN (since the
+    recurrent issue); the squared-gradient diagonals still take vector-Jacobian
+    products, and forcing the structured kernel names why."""
     model = cz.RNN(2, 3, 4, cell="gru", key=getkey())
     batch = (jr.normal(getkey(), (2, 3, 2)), jnp.array([0, 1]))
-    with pytest.raises(ValueError, match="structured kernel for the Hessian only"):
-        cz.ggn_diagonal(model, cz.losses.cross_entropy, batch, method="structured")
+    with pytest.raises(ValueError, match="structured kernel for the Hessian and the GGN"):
+        cz.empirical_fisher_diagonal(
+            model, cz.losses.cross_entropy, batch, method="structured"
+        )
     with pytest.raises(ValueError, match="`method` must be one of"):
         cz.ggn_diagonal(model, cz.losses.cross_entropy, batch, method="exact")
 
