@@ -389,7 +389,14 @@ class CrossEntropy(AbstractStepwiseLoss):
     ```
     """
 
-    reduction: str = eqx.field(static=True, default="mean")
+    reduction: str = eqx.field(static=True)
+
+    def __init__(self, reduction: str = "mean"):
+        """**Arguments:**
+
+        - `reduction`: `"mean"` (default) or `"sum"`, as described above.
+        """
+        self.reduction = reduction
 
     def per_sample(
         self, prediction: Float[Array, "*steps classes"], target: Int[Array, "*steps"]
@@ -501,7 +508,14 @@ class MSE(AbstractElementwiseLoss):
     `"sum"` is the sum over all elements (no factor 1/2 in either).
     """
 
-    reduction: str = eqx.field(static=True, default="mean")
+    reduction: str = eqx.field(static=True)
+
+    def __init__(self, reduction: str = "mean"):
+        """**Arguments:**
+
+        - `reduction`: `"mean"` (default) or `"sum"`, as described above.
+        """
+        self.reduction = reduction
 
     def per_sample(self, prediction: Float[Array, "*shape"], target: ArrayLike) -> Scalar:
         return jnp.sum((prediction - target) ** 2)
@@ -525,7 +539,14 @@ class BCEWithLogits(AbstractElementwiseLoss):
     over all elements, as `torch.nn.BCEWithLogitsLoss()`; `"sum"` is their sum.
     """
 
-    reduction: str = eqx.field(static=True, default="mean")
+    reduction: str = eqx.field(static=True)
+
+    def __init__(self, reduction: str = "mean"):
+        """**Arguments:**
+
+        - `reduction`: `"mean"` (default) or `"sum"`, as described above.
+        """
+        self.reduction = reduction
 
     def per_sample(self, prediction: Float[Array, "*shape"], target: ArrayLike) -> Scalar:
         return jnp.sum(jax.nn.softplus(prediction) - target * prediction)
