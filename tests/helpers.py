@@ -1,4 +1,11 @@
-"""Shared helpers: reference computations, tiny zoo models and matching batches."""
+"""Shared helpers: references computed without curvzoo's kernels, tiny zoo models, and
+batches drawn with numpy.
+
+Compilation is most of the suite's time, so: every reference is one module-level
+`eqx.filter_jit` function (compiled once per shapes, dtypes and loss, however many tests
+use it), batches come from numpy (no eager JAX operation, so nothing to compile), and
+tests share a few shapes (`BATCH_SIZE`, `SEQUENCE_LENGTH`, the models of `MODELS`).
+"""
 
 import contextlib
 import itertools
@@ -27,80 +34,189 @@ def tree_allclose(x, y, *, rtol=1e-10, atol=0.0):
     return True
 
 
-def reference_hessian_diagonal(model, loss, batch, filter_spec=eqx.is_inexact_array):
-    """`jnp.diag(jax.hessian(...))` of the raveled trainable parameters: independent of
-    curvzoo's kernels, and only usable for tiny models."""
+def flat(tree) -> np.ndarray:
+    """The leaves of `tree` raveled and concatenated, in numpy (no compilation)."""
+    leaves = [np.ravel(np.asarray(leaf, dtype=np.float64)) for leaf in jax.tree.leaves(tree)]
+    return np.concatenate(leaves) if leaves else np.zeros(0)
+
+
+def split(model, filter_spec=eqx.is_inexact_array):
+    """`(params, static)`: the trained floating-point arrays, and everything else."""
     params, static = eqx.partition(model, filter_spec)
     params, rest = eqx.partition(params, eqx.is_inexact_array)
-    static = eqx.combine(static, rest)
-    flat, unravel = ravel_pytree(params)
+    return params, eqx.combine(static, rest)
+
+
+# ## References, each compiled once per shapes
+
+
+@eqx.filter_jit
+def _hessian_diagonal(params, static, loss, batch):
+    flat_params, unravel = ravel_pytree(params)
 
     def f(vector):
         return loss(eqx.combine(unravel(vector), static), batch)
 
-    return unravel(jnp.diag(jax.jit(jax.hessian(f))(flat)))
+    return unravel(jnp.diag(jax.hessian(f)(flat_params)))
 
 
-def _split(model, filter_spec=eqx.is_inexact_array):
-    params, static = eqx.partition(model, filter_spec)
-    params, rest = eqx.partition(params, eqx.is_inexact_array)
-    return params, eqx.combine(static, rest)
+def reference_hessian_diagonal(model, loss, batch, filter_spec=eqx.is_inexact_array):
+    """`jnp.diag(jax.hessian(...))` of the raveled trainable parameters: independent of
+    curvzoo's kernels, and only usable for tiny models."""
+    return _hessian_diagonal(*split(model, filter_spec), loss, batch)
+
+
+@eqx.filter_jit
+def _per_sample_hessian_diagonals(params, static, loss, batch):
+    def one(sample):
+        return _hessian_diagonal(params, static, loss, jax.tree.map(lambda v: v[None], sample))
+
+    return jax.vmap(one)(batch)
+
+
+def reference_per_sample_hessian_diagonal(model, loss, batch, filter_spec=eqx.is_inexact_array):
+    """Sample `n`'s `jnp.diag(jax.hessian(...))` of `loss(model, batch_n)` (the batch of
+    sample `n` alone), stacked on a leading axis."""
+    return _per_sample_hessian_diagonals(*split(model, filter_spec), loss, batch)
+
+
+@eqx.filter_jit
+def _ggn_pieces(params, static, loss, batch):
+    """Per sample, `diag(J_n^T H_n J_n)` with `J_n` built densely by `jax.jacfwd` and
+    `H_n` by `jax.hessian` of the per-sample loss; and the loss's factors `scale(N)`,
+    `scale(1)`."""
+    flat_params, unravel = ravel_pytree(params)
+    inputs, targets = batch
+
+    def predict(vector):
+        return jax.vmap(eqx.combine(unravel(vector), static))(inputs)
+
+    predictions = predict(flat_params)
+    num = predictions.shape[0]
+    jac = jax.jacfwd(predict)(flat_params).reshape(num, -1, flat_params.size)
+
+    def output_hessian(prediction, target):
+        def per_sample(z):
+            return loss.per_sample(z.reshape(prediction.shape), target)
+
+        return jax.hessian(per_sample)(prediction.reshape(-1))
+
+    hess = jax.vmap(output_hessian)(predictions, targets)
+    pieces = jnp.einsum("nip,nij,njp->np", jac, hess, jac)
+    shape = predictions.shape[1:]
+    return jax.vmap(unravel)(pieces), loss.scale(num, shape), loss.scale(1, shape)
 
 
 def reference_ggn_diagonal(model, loss, batch, filter_spec=eqx.is_inexact_array):
     """`diag(J^T H_out J)`, scaled by the loss's reduction, with `J` built densely by
     `jax.jacfwd` and `H_out` by `jax.hessian` of the per-sample loss: independent of
     curvzoo's kernels and of the loss's closed-form factors."""
-    params, static = _split(model, filter_spec)
-    flat, unravel = ravel_pytree(params)
-    inputs, targets = batch
-
-    @jax.jit
-    def diagonal(flat):
-        def predict(vector):
-            return jax.vmap(eqx.combine(unravel(vector), static))(inputs)
-
-        predictions = predict(flat)
-        num = predictions.shape[0]
-        jac = jax.jacfwd(predict)(flat).reshape(num, -1, flat.size)
-
-        def output_hessian(prediction, target):
-            def per_sample(z):
-                return loss.per_sample(z.reshape(prediction.shape), target)
-
-            return jax.hessian(per_sample)(prediction.reshape(-1))
-
-        hess = jax.vmap(output_hessian)(predictions, targets)
-        ggn = jnp.einsum("nip,nij,njq->pq", jac, hess, jac)
-        return loss.scale(num, predictions.shape[1:]) * jnp.diag(ggn)
-
-    return unravel(diagonal(flat))
+    pieces, scale, _ = _ggn_pieces(*split(model, filter_spec), loss, batch)
+    return jax.tree.map(lambda leaf: scale * np.sum(np.asarray(leaf), 0), pieces)
 
 
-def reference_squared_gradients(model, loss, batch):
-    """Per-sample gradients of `loss.per_sample` by `jax.vmap(jax.grad)`, squared:
-    leaves with a leading batch axis."""
-    params, static = _split(model)
+def reference_per_sample_ggn_diagonal(model, loss, batch, filter_spec=eqx.is_inexact_array):
+    """Sample `n`'s GGN diagonal, of `loss(model, batch_n)`, stacked."""
+    pieces, _, one = _ggn_pieces(*split(model, filter_spec), loss, batch)
+    return jax.tree.map(lambda leaf: one * np.asarray(leaf), pieces)
 
+
+@eqx.filter_jit
+def _squared_gradients(params, static, loss, batch):
     def sample_gradient(x, y):
         return jax.grad(lambda p: loss.per_sample(eqx.combine(p, static)(x), y))(params)
 
-    grads = jax.jit(jax.vmap(sample_gradient))(*batch)
-    return jax.tree.map(jnp.square, grads)
+    return jax.tree.map(jnp.square, jax.vmap(sample_gradient)(*batch))
+
+
+def reference_squared_gradients(model, loss, batch, filter_spec=eqx.is_inexact_array):
+    """Per-sample gradients of `loss.per_sample` by `jax.vmap(jax.grad)`, squared:
+    leaves with a leading batch axis."""
+    return _squared_gradients(*split(model, filter_spec), loss, batch)
+
+
+@eqx.filter_jit
+def _dense_hessian(params, static, loss, batch):
+    flat_params, unravel = ravel_pytree(params)
+
+    def f(vector):
+        return loss(eqx.combine(unravel(vector), static), batch)
+
+    return jax.hessian(f)(flat_params)
+
+
+@eqx.filter_jit
+def _dense_ggn(params, static, loss, batch, scale):
+    flat_params, unravel = ravel_pytree(params)
+    inputs, targets = batch
+
+    def predict(vector):
+        return jax.vmap(eqx.combine(unravel(vector), static))(inputs)
+
+    predictions = predict(flat_params)
+    num = predictions.shape[0]
+    jac = jax.jacfwd(predict)(flat_params).reshape(num, -1, flat_params.size)
+
+    def output_hessian(prediction, target):
+        def per_sample(z):
+            return loss.per_sample(z.reshape(prediction.shape), target)
+
+        return jax.hessian(per_sample)(prediction.reshape(-1))
+
+    hess = jax.vmap(output_hessian)(predictions, targets)
+    return scale * jnp.einsum("nip,nij,njq->pq", jac, hess, jac)
+
+
+@eqx.filter_jit
+def _rademacher_probes(key, num_probes: int, size: int, dtype):
+    keys = jr.split(key, num_probes)
+    return jax.vmap(lambda k: jr.rademacher(k, (size,), dtype=dtype))(keys)
+
+
+def reference_hutchinson(
+    model, loss, batch, *, key, num_probes, filter_spec=eqx.is_inexact_array,
+    control_variate=None,
+):  # fmt: skip
+    """Hutchinson's estimate written out by hand, with the probes the documentation of
+    `curvzoo.hutchinson_diagonal` promises (probe `i` is `jax.random.rademacher` of
+    `jax.random.split(key, num_probes)[i]` over the raveled trained parameters): the
+    mean of `z * (A z)` and its standard error, for the dense `A = H` from
+    `jax.hessian`, or `A = H - G` (`G` from `jax.jacfwd`) with `diag(G)` added back.
+    Returns `(estimate, stderr)`, each shaped like the trained parameters."""
+    params, static = split(model, filter_spec)
+    flat_params, unravel = ravel_pytree(params)
+    matrix = np.asarray(_dense_hessian(params, static, loss, batch))
+    ggn = None
+    if control_variate == "ggn":
+        num = jax.tree.leaves(batch)[0].shape[0]
+        shape = jax.eval_shape(jax.vmap(model), batch[0]).shape[1:]
+        ggn = np.asarray(_dense_ggn(params, static, loss, batch, loss.scale(num, shape)))
+        matrix = matrix - ggn
+    probes = np.asarray(_rademacher_probes(key, num_probes, flat_params.size, flat_params.dtype))
+    samples = probes * (probes @ matrix)
+    estimate = samples.mean(0)
+    stderr = samples.std(0, ddof=1) / np.sqrt(num_probes) if num_probes > 1 else 0 * estimate
+    if ggn is not None:
+        estimate = estimate + np.diag(ggn)
+    dtype = flat_params.dtype
+    return unravel(jnp.asarray(estimate, dtype)), unravel(jnp.asarray(stderr, dtype))
 
 
 def assert_diagonal_close(result, expected, rtol=1e-10):
     """Relative agreement: every entry within `rtol` of itself, or of the largest entry
     for entries near zero."""
     assert jax.tree.structure(result) == jax.tree.structure(expected)
-    flat_r = ravel_pytree(result)[0]
-    flat_e = ravel_pytree(expected)[0]
-    scale = float(jnp.max(jnp.abs(flat_e)))
+    for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(expected)):
+        assert np.shape(a) == np.shape(b), (np.shape(a), np.shape(b))
+    flat_r, flat_e = flat(result), flat(expected)
+    scale = float(np.max(np.abs(flat_e)))
     assert scale > 0, "reference diagonal is identically zero: the test would be vacuous"
     np.testing.assert_allclose(flat_r, flat_e, rtol=rtol, atol=rtol * scale)
 
 
-# Tiny zoo models: (name, factory(key)). Sizes keep `jax.hessian` cheap.
+# ## Tiny zoo models and their batches
+
+# (name, factory(key)). Sizes keep `jax.hessian` cheap.
 MODELS = [
     *[(f"mlp{depth}", lambda key, d=depth: cz.MLP(3, 3, 4, d, key=key)) for depth in range(4)],
     *[
@@ -131,31 +247,49 @@ BATCH_SIZE = 5
 SEQUENCE_LENGTH = 4
 
 
-def make_inputs(model, key, batch_size=BATCH_SIZE):
+def rng(key) -> np.random.Generator:
+    """A numpy generator seeded by a JAX key (or an integer)."""
+    if isinstance(key, (int, np.integer)):
+        return np.random.default_rng(int(key))
+    return np.random.default_rng(np.asarray(jr.key_data(key)).ravel().tolist())
+
+
+def _input_shape(model) -> tuple:
     if isinstance(model, cz.MLP):
-        return jr.normal(key, (batch_size, model.in_size))
+        return (model.in_size,)
     if isinstance(model, cz.RNN):
-        return jr.normal(key, (batch_size, SEQUENCE_LENGTH, model.in_size))
+        return (SEQUENCE_LENGTH, model.in_size)
     if isinstance(model, cz.CNN):
-        return jr.normal(key, (batch_size, model.in_channels, *model.image_size))
+        return (model.in_channels, *model.image_size)
     raise TypeError(model)
 
 
+def make_inputs(model, key, batch_size=BATCH_SIZE):
+    """Standard normal inputs for a zoo model, drawn with numpy."""
+    return jnp.asarray(rng(key).standard_normal((batch_size, *_input_shape(model))))
+
+
 def make_targets(model, inputs, loss_name, key):
-    predictions = jax.vmap(model)(inputs)
+    """Targets for `loss_name` of the shape of `jax.vmap(model)(inputs)` (found without
+    running the model): labels, standard normal values, or probabilities."""
+    shape = jax.eval_shape(jax.vmap(model), inputs).shape
+    generator = rng(key)
     if loss_name == "ce":
-        return jr.randint(key, predictions.shape[:-1], 0, predictions.shape[-1])
+        return jnp.asarray(generator.integers(0, shape[-1], shape[:-1]))
     if loss_name == "mse":
-        return jr.normal(key, predictions.shape)
+        return jnp.asarray(generator.standard_normal(shape))
     if loss_name == "bce":
-        return jr.uniform(key, predictions.shape)
+        return jnp.asarray(generator.uniform(size=shape))
     raise ValueError(loss_name)
 
 
 def make_batch(model, loss_name, key, batch_size=BATCH_SIZE):
-    k_in, k_out = jr.split(key)
+    k_in, k_out = rng(key).integers(0, 2**31, 2)
     inputs = make_inputs(model, k_in, batch_size)
     return inputs, make_targets(model, inputs, loss_name, k_out)
+
+
+# ## Instruments
 
 
 def spy_kernels(monkeypatch) -> list:
