@@ -116,7 +116,11 @@ def test_diagonals_that_do_not_fit_the_model_are_refused(getkey):
     zero = jax.tree.map(jnp.zeros_like, coded)
     summary = cz.analysis.summarize(zero, model)
     assert summary["trace"] == 0 and summary["groups"]["input.reset"]["trace_share"] is None
-    cz.analysis.format_summary(summary)
+    # Without a trace the table shows no shares ("-"), but every group and kind.
+    lines = cz.analysis.format_summary(summary).splitlines()
+    for name in [*summary["groups"], *summary["kinds"]]:
+        (row,) = [line for line in lines if line.startswith(name + " ")]
+        assert row.split()[-1] == "-", row
 
 
 def test_trace_splits_by_leaf_group_and_kind(getkey):

@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import pytest
 from curvzoo._dispatch._structures import describe
 
@@ -126,6 +127,61 @@ def test_cnn_frozen_convolution(getkey):
     assert result.convs[1].bias is not None
     expected = reference_hessian_diagonal(model, cz.losses.cross_entropy, batch, spec)
     assert_diagonal_close(result, expected)
+
+
+# ## Every branch of the layered kernel, through `equinox.nn.Sequential` models
+
+_L = eqx.nn.Lambda
+
+
+def _sequential(name, key):
+    """`(model, input shape)`. Each model reaches one branch of the layered kernel that
+    the zoo's layouts do not (`curvzoo/_kernels/_layered.py`)."""
+    k1, k2, k3, k4 = jr.split(key, 4)
+    if name == "two-activations":  # `_pull`: a residual through an activation below another
+        layers = [eqx.nn.Linear(3, 4, key=k1), _L(jnp.tanh), _L(jax.nn.softplus)]
+        return eqx.nn.Sequential([*layers, eqx.nn.Linear(4, 3, key=k2)]), (3,)
+    if name == "activation-after-max-pool":  # `_pull`: a residual through max pooling
+        layers = [eqx.nn.Conv2d(1, 2, 3, key=k1), eqx.nn.MaxPool2d(2, 2), _L(jnp.tanh)]
+        head = [_L(jnp.ravel), eqx.nn.Linear(18, 3, key=k2)]
+        return eqx.nn.Sequential(layers + head), (1, 8, 8)
+    if name == "activation-after-reshape":  # `_pull`: a residual through a reshape
+        layers = [eqx.nn.Conv2d(1, 2, 3, key=k1), _L(jnp.ravel), _L(jax.nn.sigmoid)]
+        return eqx.nn.Sequential([*layers, eqx.nn.Linear(32, 3, key=k2)]), (1, 6, 6)
+    if name == "lazy-rows-in-a-tangent-quadratic":
+        # A one-unit bottleneck (`"scalar"` features): the state below the scalar layer
+        # is unavailable, so the first layer's tangents are pushed up to a state that
+        # still holds the lazy rows of the 4-by-4 layer (`_State.quadratic`).
+        layers = [
+            eqx.nn.Linear(3, "scalar", key=k1), _L(jnp.tanh),
+            eqx.nn.Linear("scalar", 4, key=k2), _L(jnp.tanh),
+            eqx.nn.Linear(4, 4, key=k3), _L(jnp.tanh), eqx.nn.Linear(4, 3, key=k4),
+        ]  # fmt: skip
+        return eqx.nn.Sequential(layers), (3,)
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "two-activations",
+        "activation-after-max-pool",
+        "activation-after-reshape",
+        "lazy-rows-in-a-tangent-quadratic",
+    ],
+)
+def test_sequential_models_reach_every_branch(name, getkey):
+    """The structured kernel runs (its plan says so) and matches `jax.hessian`."""
+    model, shape = _sequential(name, getkey())
+    generator = np.random.default_rng(len(name))
+    batch = (
+        jnp.asarray(generator.standard_normal((5, *shape))),
+        jnp.asarray(generator.integers(0, 3, 5)),
+    )
+    loss = cz.losses.cross_entropy
+    assert cz.plan(model, loss, batch).kernel == "layered"
+    result = cz.hessian_diagonal(model, loss, batch)
+    assert_diagonal_close(result, reference_hessian_diagonal(model, loss, batch))
 
 
 def test_layer_chain_reproduces_the_model(getkey):
