@@ -434,13 +434,17 @@ def _check_draws(ctx: Context) -> None:
 
 
 def all_finite(tree) -> jax.Array:
-    """Whether every floating-point entry of `tree` is finite: one boolean."""
-    leaves = [
-        jnp.all(jnp.isfinite(leaf))
+    """Whether every floating-point entry of `tree` is finite: one boolean.
+
+    Computed as `isfinite(sum(leaf * 0))`, which is NaN exactly where some entry is NaN
+    or infinite (`inf * 0` is NaN) and cannot overflow: one sum per leaf, about half the
+    time of `all(isfinite(leaf))` on a CPU."""
+    sums = [
+        jnp.sum(leaf * 0, dtype=jnp.promote_types(leaf.dtype, jnp.float32))
         for leaf in jax.tree.leaves(tree)
         if jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.size
     ]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+    return jnp.isfinite(sum(sums)) if sums else jnp.asarray(True)
 
 
 def runner(request: Request, plan: Plan) -> Callable:
