@@ -93,11 +93,12 @@ kernel, that is `~L^2 T^2 H^3` against `~L^2 T H^4`. Memory per sample:
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array
 
 from ._samples import AbstractSampleKernel, trained_mask
 
@@ -228,29 +229,51 @@ def _maps(kind, cell, in_size, dtype):
     return A, C
 
 
-# ## One sample
+# ## One sample: the forward pass and the local derivatives
 
 
-def _readout_factors(chain, loss, head, prediction, y, length, steps):
+REC_SLOTS = {"elman": (0,), "gru": (3, 4, 5, 6), "lstm": (0, 1, 2, 3, 4)}  # slots C reaches
+IDENTITY = {"elman": None, "gru": (6, 0), "lstm": (4, 1)}  # (slot, state component)
+# Phases of the forward sweep: in phase p the impulse responses of the first
+# `bounds[p + 1]` source steps are carried, so little of the work is on sources that do
+# not exist yet (`P / (P + 1)` of it is useful), at the cost of one compiled loop each.
+PHASES = 4
+
+
+class _Setup(NamedTuple):
+    """One sample's forward pass and local derivatives (per layer: lists)."""
+
+    D: list  # (T, H, q, m): dU/dxi
+    R: list  # (T, H, m, m): adjoint-weighted d2U/dxi2 (zero for the GGN)
+    e: list  # (T, H, m): slot adjoints
+    J: list  # (T, n, n): dS_t/dS_{t-1}
+    B: list  # (T, n, in_l): dS_t/dx_t (the layer's input)
+    A: list  # (H, m, in_l): the input map
+    C: list  # (H, m, n): the recurrent map
+    v: list  # (T, in_l): the layer's inputs
+    hp: list  # (T, H): the layer's previous h
+    O: Array  # (T, H, H): the readout's Hessian at each step, in the top layer's h
+    cols: Array  # (T, K, C) and
+    weights: Array  # (T, K): the readout's Hessian factor per step
+    h_top: Array  # (T, H)
+    tokens: Array | None  # (T,)
+
+
+def _readout_factors(chain, loss, prediction, y, length, steps):
     """The readout's Hessian as per-step factors: `(cols (T, K, C), weights (T, K))`,
     the weights zero at the steps that reach no loss term."""
-    dtype = prediction.dtype
     if chain.readout == "all":
         cols, weights = loss.output_hessian_step_factor(prediction, y)
         if length is not None:
             weights = weights * (jnp.arange(steps) < length).astype(weights.dtype)[:, None]
         return cols, weights
     cols, weights = loss.output_hessian_factor(prediction, y)
-    cols, weights = cols[None], weights[None]
     last = steps - 1 if length is None else jnp.clip(length - 1, 0, steps - 1)
-    at = (jnp.arange(steps) == last).astype(dtype)
-    return jnp.broadcast_to(cols, (steps, *cols.shape[1:])), at[:, None] * weights
+    at = (jnp.arange(steps) == last).astype(weights.dtype)
+    return jnp.broadcast_to(cols[None], (steps, *cols.shape)), at[:, None] * weights[None]
 
 
-def _per_sample(chain: RecurrentChain, quantity: str, model, loss, sample):
-    """Everything one sample contributes: per layer the same-slot blocks `K`
-    `(m, H, T, T)` and the mixed term `(m, H, H)`; the coefficients; the readout's
-    factors; and, with tokens, the embedding's per-step values."""
+def _setup(chain: RecurrentChain, hessian: bool, model, loss, sample) -> _Setup:
     xs, y = sample[0], sample[1]
     length = sample[2] if len(sample) > 2 else None
     kind = chain.kind
@@ -261,258 +284,304 @@ def _per_sample(chain: RecurrentChain, quantity: str, model, loss, sample):
     q, m = STATE_PER_UNIT[kind], SLOTS[kind]
     n = q * hidden
     steps = xs.shape[0]
-    tokens = xs
+    tokens = None
     if chain.tokens:
+        tokens = xs
         xs = jnp.take(chain.embedding(model).weight, tokens, axis=0, mode="clip")
     dtype = _state_dtype(cells, xs)
-    hessian = quantity == "hessian"
+    last = None if length is None else jnp.clip(length - 1, 0, steps - 1)
 
     def predict(states):
         h = states[:, L - 1, :hidden]
         if chain.readout == "all":
             return jax.vmap(head)(h)
-        if length is None:
-            return head(h[-1])
-        return head(jax.lax.dynamic_index_in_dim(h, jnp.clip(length - 1, 0, steps - 1), 0, False))
+        return head(h[-1] if last is None else jax.lax.dynamic_index_in_dim(h, last, 0, False))
 
     def loss_of_perturbation(eps):
-        states, _ = _run_stack(kind, cells, xs, eps)
-        return loss.sample_loss(predict(states), y, length if chain.readout == "all" else None)
+        states, xis = _run_stack(kind, cells, xs, eps)
+        prediction = predict(states)
+        masked = length if chain.readout == "all" else None
+        return loss.sample_loss(prediction, y, masked), (states, xis, prediction)
 
-    states, xis = _run_stack(kind, cells, xs)
-    prediction = predict(states)
+    zero = jnp.zeros((steps, L, n), dtype)
     if hessian:
-        adjoints = jax.grad(loss_of_perturbation)(jnp.zeros((steps, L, n), dtype))
+        adjoints, (states, xis, prediction) = jax.grad(loss_of_perturbation, has_aux=True)(zero)
     else:
-        adjoints = jnp.zeros((steps, L, n), dtype)
+        states, xis = _run_stack(kind, cells, xs)
+        prediction = predict(states)
+        adjoints = zero
     unit_adjoints = adjoints.reshape(steps, L, q, hidden).transpose(0, 1, 3, 2)  # (T,L,H,q)
+    update = lambda v: _unit_update(kind, v)  # noqa: E731
 
     def local(xi, lam):
-        update = lambda v: _unit_update(kind, v)  # noqa: E731
         jac = jax.jacfwd(update)(xi)  # (q, m)
-        hess = jax.hessian(lambda v: jnp.dot(lam, update(v)))(xi)  # (m, m)
-        return jac, hess
+        if not hessian:
+            return jac, jnp.zeros((m, m), xi.dtype)
+        return jac, jax.hessian(lambda v: jnp.dot(lam, update(v)))(xi)
 
     D, R = jax.vmap(jax.vmap(jax.vmap(local)))(xis, unit_adjoints)  # (T,L,H,q,m), (T,L,H,m,m)
-    if not hessian:
-        R = jnp.zeros_like(R)
-    h_states = states[:, :, :hidden]  # (T, L, H)
-    layer_inputs = [xs] + [h_states[:, layer - 1] for layer in range(1, L)]
-    maps = [_maps(kind, cell, inp.shape[1], dtype) for cell, inp in zip(cells, layer_inputs)]
-    As = [a for a, _ in maps]
-    Cs = [c for _, c in maps]
-    # J^l_t = D C (n x n), B^l_t = D A (n x in_l), rows ordered (component, unit).
-    J = [jnp.einsum("tacm,amk->tcak", D[:, l], Cs[l]).reshape(steps, n, n) for l in range(L)]
-    B = [jnp.einsum("tacm,amk->tcak", D[:, l], As[l]).reshape(steps, n, -1) for l in range(L)]
-
-    cols, weights = _readout_factors(chain, loss, head, prediction, y, length, steps)
+    e = jnp.einsum("tlac,tlacm->tlam", unit_adjoints, D)
+    h_states = states[:, :, :hidden]
+    h_prev = jnp.concatenate([jnp.zeros((1, L, hidden), dtype), h_states[:-1]])
+    inputs = [xs] + [h_states[:, layer - 1] for layer in range(1, L)]
+    maps = [_maps(kind, cell, inp.shape[1], dtype) for cell, inp in zip(cells, inputs)]
+    As, Cs = [a for a, _ in maps], [c for _, c in maps]
+    Ds = [D[:, layer] for layer in range(L)]
+    J = [jnp.einsum("tacm,amk->tcak", Ds[l], Cs[l]).reshape(steps, n, n) for l in range(L)]
+    B = [jnp.einsum("tacm,amk->tcak", Ds[l], As[l]).reshape(steps, n, -1) for l in range(L)]
+    cols, weights = _readout_factors(chain, loss, prediction, y, length, steps)
     heads = jnp.einsum("tkc,ch->tkh", cols, head.weight)  # V^T col, (T, K, H)
-    O_h = jnp.einsum("tk,tkh,tkg->thg", weights, heads, heads)  # (T, H, H)
+    O = jnp.einsum("tk,tkh,tkg->thg", weights, heads, heads)
+    return _Setup(
+        D=Ds, R=[R[:, layer] for layer in range(L)], e=[e[:, layer] for layer in range(L)],
+        J=J, B=B, A=As, C=Cs, v=inputs, hp=[h_prev[:, layer] for layer in range(L)], O=O,
+        cols=cols, weights=weights, h_top=h_states[:, L - 1], tokens=tokens,
+    )  # fmt: skip
 
-    # ### Backward sweep over the frontier (blocks: layers), node by node.
-    size = L * n
 
-    def embed(block_row, block_col, mat, rows=n, cols_=n):
-        full = jnp.zeros((size, size), dtype)
-        return full.at[
-            block_row * n : block_row * n + rows, block_col * n : block_col * n + cols_
-        ].set(mat)
+# ## The backward sweep over the frontier
 
-    def node_terms(t_inputs, layer):
-        """`P` (as a full matrix) and `Omega` of node `(layer, t)`."""
-        Jt, Bt, Rt = t_inputs
-        P = jnp.eye(size, dtype=dtype)
-        P = P.at[layer * n : (layer + 1) * n, layer * n : (layer + 1) * n].set(Jt)
-        # dxi/dF_{k-1}: (H, m, size)
-        Cx = jnp.zeros((hidden, m, size), dtype)
-        Cx = Cx.at[:, :, layer * n : (layer + 1) * n].set(Cs[layer])
-        if layer > 0:
-            P = P.at[layer * n : (layer + 1) * n, (layer - 1) * n : (layer - 1) * n + hidden].set(
-                Bt
-            )
-            Cx = Cx.at[:, :, (layer - 1) * n : (layer - 1) * n + hidden].set(As[layer])
-        Omega = jnp.einsum("aml,amp,apk->lk", Cx, Rt, Cx)
-        return P, Omega
 
-    def backward(Mf, inputs):
-        Jt, Bt, Rt, O_prev = inputs  # per layer lists stacked: (L, ...)
-        Ms, Qs = [], []
-        for layer in reversed(range(L)):
-            # Mf is Mf_k for k = (layer, t).
-            blk = slice(layer * n, (layer + 1) * n)
-            Ms.append(Mf[blk, blk])
-            column = Mf[:, blk]  # (size, n)
-            Q = column.at[blk].set(Jt[layer].T @ Mf[blk, blk])
-            Qs.append(Q.reshape(L, n, n))
-            P, Omega = node_terms((Jt[layer], Bt[layer], Rt[layer]), layer)
-            Mf = P.T @ Mf @ P + Omega
-        top = slice((L - 1) * n, (L - 1) * n + hidden)
-        Mf = Mf.at[top, top].add(O_prev)
-        return Mf, (jnp.stack(Ms[::-1]), jnp.stack(Qs[::-1]))
+def _omega(kind, s: _Setup, layer: int, t_R):
+    """The node's Hessian in its frontier inputs: `(C^T R C, A^T R A, A^T R C)` over
+    the slots that `C` and `A` reach (the last two for layers above the first)."""
+    rec, ih = jnp.array(REC_SLOTS[kind]), jnp.array(IH_SLOTS[kind])
+    C = s.C[layer][:, rec]  # (H, r, n)
+    R_rr = t_R[:, rec][:, :, rec]
+    cc = jnp.einsum("ark,arp,apj->kj", C, R_rr, C)
+    if layer == 0:
+        return cc, None, None
+    A = s.A[layer][:, ih]  # (H, g, H)
+    aa = jnp.einsum("agk,agp,apj->kj", A, t_R[:, ih][:, :, ih], A)
+    ac = jnp.einsum("agk,agr,arj->kj", A, t_R[:, ih][:, :, rec], C)
+    return cc, aa, ac
 
-    Bs_padded = [
-        jnp.zeros((steps, n, hidden), dtype) if l == 0 else B[l] for l in range(L)
-    ]  # B^0 acts on the inputs, not on the frontier
-    O_prev = jnp.concatenate([jnp.zeros((1, hidden, hidden), dtype), O_h[:-1]])
-    Mf_last = jnp.zeros((size, size), dtype)
-    top = slice((L - 1) * n, (L - 1) * n + hidden)
-    Mf_last = Mf_last.at[top, top].set(O_h[-1])
-    _, (M, Q) = jax.lax.scan(
-        backward,
-        Mf_last,
-        (jnp.stack(J, 1), jnp.stack(Bs_padded, 1), R, O_prev),
+
+def _backward_sweep(kind, s: _Setup, hessian: bool) -> list:
+    """Per layer `l`, `(T, L - l, n, n)`: the column block `l` of the frontier Hessian
+    after node `(l, t)`, blocks `l..L-1` (its block `l` is `M^l_t`)."""
+    L = len(s.D)
+    steps, n, _ = s.J[0].shape
+    hidden = s.O.shape[1]
+    dtype = s.O.dtype
+    top = L - 1
+    O_prev = jnp.concatenate([jnp.zeros((1, hidden, hidden), dtype), s.O[:-1]])
+
+    def step(Mf, inputs):
+        Jt, Bt, Rt, O_before = inputs
+        emitted = [None] * L
+        for l in reversed(range(L)):
+            emitted[l] = Mf[l:, :, l, :]
+            col = Mf[:, :, l, :]  # columns: Mf P
+            if l > 0:
+                Mf = Mf.at[:, :, l - 1, :hidden].add(jnp.einsum("ikj,jh->ikh", col, Bt[l]))
+            Mf = Mf.at[:, :, l, :].set(jnp.einsum("ikj,jm->ikm", col, Jt[l]))
+            row = Mf[l]  # rows: P^T (Mf P)
+            if l > 0:
+                Mf = Mf.at[l - 1, :hidden].add(jnp.einsum("jh,jim->him", Bt[l], row))
+            Mf = Mf.at[l].set(jnp.einsum("jk,jim->kim", Jt[l], row))
+            if hessian:
+                cc, aa, ac = _omega(kind, s, l, Rt[l])
+                Mf = Mf.at[l, :, l, :].add(cc)
+                if l > 0:
+                    Mf = Mf.at[l - 1, :hidden, l - 1, :hidden].add(aa)
+                    Mf = Mf.at[l - 1, :hidden, l, :].add(ac)
+                    Mf = Mf.at[l, :, l - 1, :hidden].add(ac.T)
+        Mf = Mf.at[top, :hidden, top, :hidden].add(O_before)
+        return Mf, tuple(emitted)
+
+    Mf = jnp.zeros((L, n, L, n), dtype).at[top, :hidden, top, :hidden].set(s.O[-1])
+    B_above = [jnp.zeros((steps, n, hidden), dtype)] + [s.B[l] for l in range(1, L)]
+    _, columns = jax.lax.scan(
+        step, Mf, (jnp.stack(s.J, 1), jnp.stack(B_above, 1), jnp.stack(s.R, 1), O_prev),
         reverse=True,
-    )
-    # M: (T, L, n, n) = M^l_t; Q: (T, L, L, n, n) = Q^l_t[l'] (zero for l' < l).
+    )  # fmt: skip
+    return list(columns)
 
-    # ### Forward sweep: impulse responses of every source, reads before each step.
-    e = jnp.einsum("tlac,tlacm->tlam", unit_adjoints, D)  # slot adjoints
-    h_prev = jnp.concatenate([jnp.zeros((1, L, hidden), dtype), h_states[:-1]])  # (T, L, H)
-    embedding_trained = chain.tokens
-    in0 = xs.shape[1]
-    U = B[0]  # (T, n, in0): dS^0_t/dx_t
-    # rho_x[t][:, j] = sum_a C^0_a^T R^0_t[a] A^0[a, :, j], (T, n, in0)
-    rho_x = jnp.einsum("amk,tamp,apj->tkj", Cs[0], R[:, 0], As[0])
 
-    def forward(carry, inputs):
-        gamma, gamma_x = carry  # (L_src, T_src, L_blk, n, n), (T_src, L_blk, n, in0)
-        t, Jt, Bt, Qt, Rt, Dt, et, Ut, rxt = inputs
-        # Reads with the responses at the end of step t - 1 (sources s < t).
-        Z = jnp.einsum(
-            "lsbkca,lbkda->lsacd",
-            gamma.reshape(L, steps, L, n, q, hidden),
-            Qt.reshape(L, L, n, q, hidden),
+# ## The forward sweep: impulse responses, read as they go
+
+
+def _phases(steps: int) -> list[int]:
+    count = max(1, min(PHASES, steps))
+    return sorted({round(steps * (p + 1) / count) for p in range(count)})
+
+
+def _forward_sweep(kind, s: _Setup, columns: list, hessian: bool, embedding: bool):
+    """The off-diagonal (`s < t`) part of every same-slot block `K`, contracted with the
+    coefficients as it is read, plus the mixed term: per layer the accumulated
+    `(ih (G, H, in), hh (G, H, H), slots (m, H))`, and the embedding's per-step values
+    `(T, in)` (or `None`)."""
+    L = len(s.D)
+    steps, n, _ = s.J[0].shape
+    hidden = s.O.shape[1]
+    q, m = STATE_PER_UNIT[kind], SLOTS[kind]
+    dtype = s.O.dtype
+    ih, hh, rec = (jnp.array(x) for x in (IH_SLOTS[kind], HH_SLOTS[kind], REC_SLOTS[kind]))
+    gates = len(HH_SLOTS[kind])
+    # The recurrent gates' rows of W_hh as (G, H_a, H_k): C's rows for the HH slots.
+    W_hh = [s.C[l][:, hh, :hidden].transpose(1, 0, 2) for l in range(L)]
+    identity = IDENTITY[kind]
+    in0 = s.v[0].shape[1]
+    # rho_x[t][:, j] = sum_a C_a^T R_t[a] A[a, :, j]: node (0, t)'s Hessian pairing its
+    # recurrent inputs with input column j.
+    rho_x = jnp.einsum("amk,tamp,apj->tkj", s.C[0], s.R[0], s.A[0]) if embedding else None
+
+    def step_fn(S):
+        D_src = [s.D[l][:S] for l in range(L)]  # (S, H, q, m)
+        v_src = [s.v[l][:S] for l in range(L)]
+        hp_src = [s.hp[l][:S] for l in range(L)]
+        tok_src = None if s.tokens is None else s.tokens[:S]
+
+        def body(carry, inputs):
+            gamma, gamma_x, acc = carry
+            t, per_layer, x_inputs = inputs
+            acc = list(acc)
+            emb_t = None
+            for l in range(L):
+                Jt, Bt, Dt, Rt, et, vt, hpt, cols_t = per_layer[l]
+                own = gamma[l][:, l].reshape(n, S, q, hidden)  # layer-l sources, block l
+                # Reads before the update (responses at t - 1): node (l, t)'s local terms.
+                g_h = own[:hidden]  # (H_k, S, q, H_a)
+                Y = jnp.einsum("gak,ksca->sgca", W_hh[l], g_h)  # (S, G, q, H)
+                if identity is not None:
+                    slot, comp = identity
+                    # (q_k, S, q_c, H): the response of unit a's own component.
+                    diag = jnp.diagonal(own.reshape(q, hidden, S, q, hidden), axis1=1, axis2=4)
+                    Y = jnp.concatenate([Y, diag[comp][:, None]], axis=1)
+                if hessian:
+                    T1 = jnp.einsum("bsca,sacg,sb->bag", g_h, D_src[l][..., hh], hp_src[l])
+                if embedding and l == 0:
+                    x_local = jnp.einsum("ksj,kj->sj", gamma_x[0], x_inputs[1])
+                # The update of block l: every source's response, through J and B.
+                new = jnp.einsum("kj,jlsc->klsc", Jt, gamma[l])
+                if l > 0:
+                    below = gamma[l - 1][:hidden]  # (H, l, S, n): already at step t
+                    new = new.at[:, :l].add(jnp.einsum("kh,hlsc->klsc", Bt, below))
+                gamma = gamma[:l] + (new,) + gamma[l + 1 :]
+                if embedding:
+                    new_x = jnp.einsum("kj,jsc->ksc", Jt, gamma_x[l])
+                    if l > 0:
+                        new_x = new_x + jnp.einsum("kh,hsc->ksc", Bt, gamma_x[l - 1][:hidden])
+                    gamma_x = gamma_x[:l] + (new_x,) + gamma_x[l + 1 :]
+                # Reads after it: the frontier after node (l, t) against its Hessian.
+                Z = 0
+                for b in range(l, L):
+                    resp = gamma[b][:, l].reshape(n, S, q, hidden)
+                    target = cols_t[b - l].reshape(n, q, hidden)
+                    Z = Z + jnp.einsum("ksca,kda->scda", resp, target)
+                first = jnp.einsum("scda,adm->scam", Z, Dt)
+                second = jnp.einsum("sgca,agm->scam", Y, Rt[:, rec])
+                K = jnp.einsum("sacm,scam->mas", D_src[l], first + second)  # (m, H, S)
+                ih_acc, hh_acc, slot_acc = acc[l]
+                ih_acc = ih_acc + 2 * jnp.einsum("gas,sb->gab", K[ih], v_src[l]) * vt
+                hh_acc = hh_acc + 2 * jnp.einsum("gas,sb->gab", K[hh], hp_src[l]) * hpt
+                if hessian:
+                    hh_acc = hh_acc + 2 * jnp.einsum("ag,bag->gab", et[:, hh], T1)
+                slot_acc = slot_acc + 2 * jnp.sum(K, axis=-1)
+                acc[l] = (ih_acc, hh_acc, slot_acc)
+                if embedding and l == 0:
+                    Ut = x_inputs[0]
+                    x_q = 0
+                    for b in range(L):
+                        target = jnp.einsum("kd,dj->kj", cols_t[b].reshape(n, n), Ut)
+                        x_q = x_q + jnp.einsum("ksj,kj->sj", gamma_x[b], target)
+                    same = (tok_src == x_inputs[2]).astype(dtype)
+                    emb_t = 2 * jnp.einsum("s,sj->j", same, x_local + x_q)
+                # New sources: the state of node (l, t) itself (and the input at t).
+                eye = jnp.eye(n, dtype=dtype)[:, None, None, :]
+                gamma_l = jax.lax.dynamic_update_slice(gamma[l], eye, (0, l, t, 0))
+                gamma = gamma[:l] + (gamma_l,) + gamma[l + 1 :]
+                if embedding and l == 0:
+                    gamma_x = (
+                        jax.lax.dynamic_update_slice(gamma_x[0], x_inputs[0][:, None], (0, t, 0)),
+                        *gamma_x[1:],
+                    )
+            return (gamma, gamma_x, tuple(acc)), emb_t
+
+        return body
+
+    acc = tuple(
+        (
+            jnp.zeros((len(IH_SLOTS[kind]), hidden, s.v[l].shape[1]), dtype),
+            jnp.zeros((gates, hidden, hidden), dtype),
+            jnp.zeros((m, hidden), dtype),
         )
-        Y = jnp.stack(
-            [
-                jnp.einsum("amk,skca->sacm", Cs[l], gamma[l, :, l].reshape(steps, n, q, hidden))
-                for l in range(L)
-            ]
-        )  # (L, T_src, H, q, m)
-        G = gamma[jnp.arange(L), :, jnp.arange(L)].reshape(L, steps, n, q, hidden)[:, :, :hidden]
-        T1 = jnp.einsum(
-            "lsbca,lsacm,lsb->lbam", G, D.transpose(1, 0, 2, 3, 4), h_prev.transpose(1, 0, 2)
-        )
-        mixed = 2 * jnp.einsum("lam,lbam->lmab", et, T1)
-        # X[s, t, j] (s < t): sum_b sum_k gamma_x[s, b][k, j] * (Q^0_t[b] U_t + [b=0] rho)[k, j]
-        target_x = jnp.einsum("bkd,dj->bkj", Qt[0], Ut).at[0].add(rxt)
-        X = jnp.einsum("sbkj,bkj->sj", gamma_x, target_x)
-        # Step t: every block in order, new sources as they appear.
-        for l in range(L):
-            below = (
-                gamma[:, :, l - 1, :hidden] if l > 0 else None
-            )  # (L_src, T_src, H, n) of the updated block below
-            new = jnp.einsum("kj,lsjc->lskc", Jt[l], gamma[:, :, l])
-            if l > 0:
-                new = new + jnp.einsum("kh,lshc->lskc", Bt[l], below)
-            gamma = gamma.at[:, :, l].set(new)
-            gamma = gamma.at[l, t, l].set(jnp.eye(n, dtype=dtype))
-            new_x = jnp.einsum("kj,sjc->skc", Jt[l], gamma_x[:, l])
-            if l > 0:
-                new_x = new_x + jnp.einsum("kh,shc->skc", Bt[l], gamma_x[:, l - 1, :hidden])
-            gamma_x = gamma_x.at[:, l].set(new_x)
-            if l == 0:
-                gamma_x = gamma_x.at[t, 0].set(Ut)
-        return (gamma, gamma_x), (Z, Y, mixed, X)
-
-    gamma0 = jnp.zeros((L, steps, L, n, n), dtype)
-    gamma_x0 = jnp.zeros((steps, L, n, in0), dtype)
-    _, (Z, Y, mixed, X) = jax.lax.scan(
-        forward,
-        (gamma0, gamma_x0),
-        (jnp.arange(steps), jnp.stack(J, 1), jnp.stack(Bs_padded, 1), Q, R, D, e, U, rho_x),
+        for l in range(L)
     )
-    # Z: (T_t, L, T_s, H, q, q); Y: (T_t, L, T_s, H, q, m); X: (T_t, T_s, in0)
-    # mixed: (T, L, m, H, H) -> sum over t
-    mixed = jnp.sum(mixed, axis=0)  # (L, m, H_a, H_b)
-    before = (jnp.arange(steps)[None, :] < jnp.arange(steps)[:, None]).astype(dtype)  # [t, s]
-    # K[l, alpha, a, s, t] for s < t
-    Ds = D.transpose(1, 0, 2, 3, 4)  # (L, T, H, q, m)
-    Rs = R.transpose(1, 0, 2, 3, 4)  # (L, T, H, m, m)
-    first = jnp.einsum("lsacm,tlsacd,ltadm->lmast", Ds, Z, Ds)
-    second = jnp.einsum("lsacm,tlsacb,ltabm->lmast", Ds, Y, Rs)
-    upper = (first + second) * before.T[None, None, None]
-    diagonal = jnp.einsum(
-        "ltacm,ltcada,ltadm->lmat",
-        Ds,
-        M.transpose(1, 0, 2, 3).reshape(L, steps, q, hidden, q, hidden),
-        Ds,
-    )
-    diagonal = diagonal + jnp.einsum("ltamm->lmat", Rs)
-    eye = jnp.eye(steps, dtype=dtype)
-    K = upper + jnp.swapaxes(upper, -1, -2) + diagonal[..., None] * eye
-    if not hessian:
-        mixed = jnp.zeros_like(mixed)
-
-    pieces = {
-        "K": K,  # (L, m, H, T, T)
-        "mixed": mixed,  # (L, m, H, H)
-        "h": h_states,  # (T, L, H)
-        "h_prev": h_prev,  # (T, L, H)
-        "x": xs,  # (T, in0)
-        "cols": cols,
-        "weights": weights,
-    }
-    if embedding_trained:
-        Xu = X * before[:, :, None]  # [t, s] for s < t
-        X_diag = jnp.einsum("tkj,tkd,tdj->tj", U, M[:, 0], U) + jnp.einsum(
-            "amj,tamp,apj->tj", As[0], R[:, 0], As[0]
+    gamma = tuple(jnp.zeros((n, b + 1, 0, n), dtype) for b in range(L))
+    gamma_x = tuple(jnp.zeros((n, 0, in0), dtype) for _ in range(L)) if embedding else ()
+    emb = []
+    start = 0
+    for stop in _phases(steps):
+        width = stop
+        pad = width - gamma[0].shape[2]
+        gamma = tuple(jnp.pad(g, ((0, 0), (0, 0), (0, pad), (0, 0))) for g in gamma)
+        gamma_x = tuple(jnp.pad(g, ((0, 0), (0, pad), (0, 0))) for g in gamma_x)
+        span = slice(start, stop)
+        per_layer = tuple(
+            (s.J[l][span], s.B[l][span], s.D[l][span], s.R[l][span], s.e[l][span],
+             s.v[l][span], s.hp[l][span], columns[l][span])
+            for l in range(L)
+        )  # fmt: skip
+        x_inputs = (s.B[0][span], rho_x[span], s.tokens[span]) if embedding else (None, None, None)
+        (gamma, gamma_x, acc), emb_part = jax.lax.scan(
+            step_fn(width), (gamma, gamma_x, acc), (jnp.arange(start, stop), per_layer, x_inputs)
         )
-        same = (tokens[:, None] == tokens[None, :]).astype(dtype)  # [t, s]
-        # per_step[s, j] = X[s,s,j] + 2 sum_{t > s, tok_t = tok_s} X[s, t, j]
-        per_step = X_diag + 2 * jnp.einsum("ts,tsj->sj", same, Xu)
-        pieces["embedding"] = per_step
-        pieces["tokens"] = tokens
-    return pieces
+        emb.append(emb_part)
+        start = stop
+    emb = jnp.concatenate(emb) if embedding else None
+    return [tuple(a) for a in acc], emb
+
+
+# ## One sample's diagonal
+
+
+def _same_unit(M, q, hidden):
+    """`M[(c, a), (d, a)]` of `(T, n, n)` matrices as `(T, H, q, q)`."""
+    steps = M.shape[0]
+    blocks = M.reshape(steps, q, hidden, q, hidden)
+    return jnp.diagonal(blocks, axis1=2, axis2=4).transpose(0, 3, 1, 2)
+
+
+def _per_sample(chain: RecurrentChain, quantity: str, model, loss, sample, embedding: bool):
+    """One sample's diagonal, unscaled: per layer `(ih, hh, slots)` sums, the head's
+    `(weight, bias)`, and the embedding's per-step values with the tokens."""
+    kind = chain.kind
+    hessian = quantity == "hessian"
+    s = _setup(chain, hessian, model, loss, sample)
+    columns = _backward_sweep(kind, s, hessian)
+    layers, emb = _forward_sweep(kind, s, columns, hessian, embedding and chain.tokens)
+    hidden = s.O.shape[1]
+    q = STATE_PER_UNIT[kind]
+    ih, hh = jnp.array(IH_SLOTS[kind]), jnp.array(HH_SLOTS[kind])
+    out_layers = []
+    for l, (ih_acc, hh_acc, slot_acc) in enumerate(layers):
+        # The diagonal s = t: D^T M D over the same unit, and the node's own Hessian.
+        M_aa = _same_unit(columns[l][:, 0], q, hidden)  # (T, H, q, q)
+        K_tt = jnp.einsum("tacm,tacd,tadm->mat", s.D[l], M_aa, s.D[l])
+        K_tt = K_tt + jnp.einsum("tamm->mat", s.R[l])
+        ih_acc = ih_acc + jnp.einsum("gat,tb->gab", K_tt[ih], s.v[l] ** 2)
+        hh_acc = hh_acc + jnp.einsum("gat,tb->gab", K_tt[hh], s.hp[l] ** 2)
+        slot_acc = slot_acc + jnp.sum(K_tt, axis=-1)
+        out_layers.append((ih_acc, hh_acc, slot_acc))
+    col_sq = jnp.einsum("tk,tkc->tc", s.weights, s.cols**2)  # (T, C)
+    head = (jnp.einsum("tc,tj->cj", col_sq, s.h_top**2), jnp.sum(col_sq, axis=0))
+    result = {"layers": out_layers, "head": head}
+    if emb is not None:
+        U = s.B[0]  # (T, n, in)
+        M0 = columns[0][:, 0]
+        x_tt = jnp.einsum("tkj,tkd,tdj->tj", U, M0, U)
+        x_tt = x_tt + jnp.einsum("amj,tamp,apj->tj", s.A[0], s.R[0], s.A[0])
+        result["embedding"] = (emb + x_tt, s.tokens)
+    return result
+
+
+# ## The kernel
 
 
 def _stacked(x):  # (G, H, ...) -> (G H, ...)
     return x.reshape(-1, *x.shape[2:])
-
-
-def _diagonals(chain: RecurrentChain, model, pieces, mask):
-    """The chunk's pieces contracted over its samples (each weighted by `mask`) into
-    the diagonals of the unscaled sum over samples: per layer a dict for the cell, one
-    for the head, and the embedding's table (or `None`)."""
-    kind = chain.kind
-    cells = chain.cells(model)
-    ih, hh = jnp.array(IH_SLOTS[kind]), jnp.array(HH_SLOTS[kind])
-    K = pieces["K"] * mask[:, None, None, None, None, None]  # (N, L, m, H, T, T)
-    mixed = pieces["mixed"] * mask[:, None, None, None, None]
-    h, h_prev = pieces["h"], pieces["h_prev"]  # (N, T, L, H)
-    layer_diags = []
-    for layer, cell in enumerate(cells):
-        v = pieces["x"] if layer == 0 else h[:, :, layer - 1]
-        K_ih, K_hh = K[:, layer, ih], K[:, layer, hh]  # (N, G, H, T, T)
-        hp = h_prev[:, :, layer]
-        diag = {
-            "weight_ih": _stacked(jnp.einsum("ngast,nsb,ntb->gab", K_ih, v, v)),
-            "weight_hh": _stacked(
-                jnp.einsum("ngast,nsb,ntb->gab", K_hh, hp, hp)
-                + jnp.sum(mixed[:, layer, hh], axis=0)
-            ),
-        }
-        if kind == "elman" or cell.use_bias:
-            diag["bias"] = _stacked(jnp.einsum("ngast->ga", K_ih))
-        if kind == "gru" and cell.use_bias:
-            diag["bias_n"] = jnp.einsum("nast->a", K[:, layer, 5])
-        layer_diags.append(diag)
-    # Head: with per-step factors, diag V[c, j] = sum_t h_{t,j}^2 sum_k w_k col_k[c]^2.
-    col_sq = jnp.einsum(
-        "ntk,ntkc->ntc", pieces["weights"] * mask[:, None, None], pieces["cols"] ** 2
-    )
-    h_top = h[:, :, -1]
-    head_diag = {
-        "weight": jnp.einsum("ntc,ntj->cj", col_sq, h_top**2),
-        "bias": jnp.sum(col_sq, axis=(0, 1)),
-    }
-    table = None
-    if "embedding" in pieces:
-        vocab = chain.embedding(model).weight.shape[0]
-        values = pieces["embedding"] * mask[:, None, None]  # (N, T, in)
-        tokens = jnp.clip(pieces["tokens"], 0, vocab - 1).reshape(-1)
-        table = jax.ops.segment_sum(values.reshape(-1, values.shape[-1]), tokens, vocab)
-    return layer_diags, head_diag, table
 
 
 def _replace(module, values: dict):
@@ -522,31 +591,63 @@ def _replace(module, values: dict):
     )
 
 
+def _embedding_trained(chain: RecurrentChain, params) -> bool:
+    return (
+        chain.tokens
+        and chain.embedding(params) is not None
+        and (chain.embedding(params).weight is not None)
+    )
+
+
 class RecurrentKernel(AbstractSampleKernel):
-    """Exact `diag(H)` (or the GGN's diagonal, `quantity="ggn"`) of a curvzoo loss for
-    a zoo RNN (see the module docstring)."""
+    """Exact `diag(H)` (or, with `quantity="ggn"`, the GGN's diagonal) of a curvzoo loss
+    for a zoo RNN (see the module docstring)."""
 
     chain: RecurrentChain = eqx.field(static=True)
     quantity: str = eqx.field(static=True, default="hessian")
     label: ClassVar[str] = "recurrent kernel"
 
     def pieces(self, params, static, loss, sample):
-        return _per_sample(self.chain, self.quantity, eqx.combine(params, static), loss, sample)
+        model = eqx.combine(params, static)
+        embedding = _embedding_trained(self.chain, params)
+        return _per_sample(self.chain, self.quantity, model, loss, sample, embedding)
 
     def contract(self, params, static, pieces, samples, mask):
         del samples
-        return _diagonals(self.chain, eqx.combine(params, static), pieces, mask)
+        model = eqx.combine(params, static)
+        chain = self.chain
+        kind = chain.kind
+        ih = jnp.array(IH_SLOTS[kind])
+        weigh = lambda leaf: jnp.tensordot(mask.astype(leaf.dtype), leaf, axes=1)  # noqa: E731
+        layers = []
+        for layer, sums in enumerate(pieces["layers"]):
+            ih_acc, hh_acc, slot_acc = (weigh(leaf) for leaf in sums)
+            cell = chain.cell(model, layer)
+            diag = {"weight_ih": _stacked(ih_acc), "weight_hh": _stacked(hh_acc)}
+            if kind == "elman" or cell.use_bias:
+                diag["bias"] = _stacked(slot_acc[ih])
+            if kind == "gru" and cell.use_bias:
+                diag["bias_n"] = slot_acc[5]
+            layers.append(diag)
+        weight, bias = (weigh(leaf) for leaf in pieces["head"])
+        totals = {"layers": layers, "head": {"weight": weight, "bias": bias}}
+        if "embedding" in pieces:
+            values, tokens = pieces["embedding"]
+            vocab = chain.embedding(model).weight.shape[0]
+            values = values * mask[:, None, None].astype(values.dtype)
+            ids = jnp.clip(tokens, 0, vocab - 1).reshape(-1)
+            totals["embedding"] = jax.ops.segment_sum(
+                values.reshape(-1, values.shape[-1]), ids, vocab
+            )
+        return totals
 
     def assemble(self, params, static, totals):
         model = eqx.combine(params, static)
         chain = self.chain
-        layer_diags, head_diag, table = totals
-        full = eqx.tree_at(chain.head, model, _replace(chain.head(model), head_diag))
-        for layer, diag in enumerate(layer_diags):
+        full = eqx.tree_at(chain.head, model, _replace(chain.head(model), totals["head"]))
+        for layer, diag in enumerate(totals["layers"]):
             where = lambda mod, layer=layer: chain.cell(mod, layer)  # noqa: E731
             full = eqx.tree_at(where, full, _replace(where(model), diag))
-        if table is not None:
-            full = eqx.tree_at(
-                lambda mod: chain.embedding(mod).weight, full, table.astype(table.dtype)
-            )
+        if "embedding" in totals:
+            full = eqx.tree_at(lambda mod: chain.embedding(mod).weight, full, totals["embedding"])
         return eqx.filter(full, trained_mask(params))
