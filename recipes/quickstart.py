@@ -17,6 +17,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 
 
 # ## Generated data for each kind of model
@@ -41,18 +42,22 @@ def classification_batch(model, key, batch_size, num_classes):
 
 
 def leaf_summary(diagonal):
+    """One row per leaf, computed on the host with numpy (a few small reductions per
+    leaf: not worth compiling for each leaf's shape)."""
     rows = []
-    paths_and_leaves = jax.tree_util.tree_flatten_with_path(diagonal)[0]
-    trace = sum(float(jnp.sum(leaf)) for _, leaf in paths_and_leaves)
+    paths_and_leaves = [
+        (path, np.asarray(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(diagonal)[0]
+    ]
+    trace = sum(float(np.sum(leaf)) for _, leaf in paths_and_leaves)
     for path, leaf in paths_and_leaves:
         rows.append(
             (
                 jax.tree_util.keystr(path),
                 str(tuple(leaf.shape)),
-                float(jnp.median(jnp.abs(leaf))),
-                float(jnp.max(jnp.abs(leaf))),
-                float(jnp.mean(leaf < 0)),
-                float(jnp.sum(leaf)) / trace if trace else float("nan"),
+                float(np.median(np.abs(leaf))),
+                float(np.max(np.abs(leaf))),
+                float(np.mean(leaf < 0)),
+                float(np.sum(leaf)) / trace if trace else float("nan"),
             )
         )
     return rows, trace

@@ -12,11 +12,14 @@ from jax.flatten_util import ravel_pytree
 
 from .helpers import (
     assert_diagonal_close,
+    flat,
     LOSS_CLASSES,
     make_batch,
     MODELS,
     reference_ggn_diagonal,
     reference_hessian_diagonal,
+    reference_per_sample_ggn_diagonal,
+    reference_per_sample_hessian_diagonal,
     reference_squared_gradients,
     spy_kernels,
     tree_allclose,
@@ -25,10 +28,6 @@ from .helpers import (
 
 
 LOSS_NAMES = sorted(LOSS_CLASSES)
-
-
-def _flat(tree):
-    return np.asarray(ravel_pytree(tree)[0])
 
 
 def _model_and_loss(index, make_model, key_model, key_batch, reduction="mean"):
@@ -90,8 +89,8 @@ def test_ggn_differs_from_hessian_for_tanh(getkey):
     """The identities above are not vacuous: with tanh the two differ."""
     model = cz.MLP(3, 4, 6, 2, key=getkey())
     batch = make_batch(model, "ce", getkey())
-    ggn = _flat(model.ggn_diagonal(cz.losses.cross_entropy, batch))
-    hessian = _flat(model.hessian_diagonal(cz.losses.cross_entropy, batch))
+    ggn = flat(model.ggn_diagonal(cz.losses.cross_entropy, batch))
+    hessian = flat(model.hessian_diagonal(cz.losses.cross_entropy, batch))
     assert np.max(np.abs(ggn - hessian)) > 1e-3 * np.max(np.abs(hessian))
 
 
@@ -129,12 +128,16 @@ def test_empirical_fisher_matches_vmapped_gradients(model_name, make_model, redu
 def test_per_sample_diagonals_sum_to_the_batch(index, reduction, getkey):
     """Per-sample diagonals, times the reduction's factor (`1/N` for mean, `1` for
     sum), sum to the batch's; and sample `n`'s is that of the batch of sample `n`
-    alone. Hessian (structured or recurrent, and generic), GGN."""
+    alone (`jax.hessian`, or the Jacobian GGN, of `loss(model, batch_n)`), for every
+    `n`. Hessian (structured or recurrent, and generic), GGN."""
     model, loss, batch = _model_and_loss(index, MODELS[index][1], getkey(), getkey(), reduction)
     num = batch[0].shape[0]
     factor = 1 / num if reduction == "mean" else 1.0
-    alone = jax.tree.map(lambda leaf: leaf[2:3], batch)
-    for function in (cz.hessian_diagonal, cz.ggn_diagonal):
+    references = {
+        cz.hessian_diagonal: reference_per_sample_hessian_diagonal(model, loss, batch),
+        cz.ggn_diagonal: reference_per_sample_ggn_diagonal(model, loss, batch),
+    }
+    for function, alone in references.items():
         # Every zoo model has a structured Hessian kernel; the GGN's is auto's choice.
         methods = ("structured", "generic") if function is cz.hessian_diagonal else ("auto",)
         whole = function(model, loss, batch)
@@ -142,10 +145,14 @@ def test_per_sample_diagonals_sum_to_the_batch(index, reduction, getkey):
             stacked = function(model, loss, batch, per_sample=True, method=method)
             for leaf, full in zip(jax.tree.leaves(stacked), jax.tree.leaves(whole)):
                 assert leaf.shape == (num, *full.shape)
-            assert_diagonal_close(jax.tree.map(lambda x: factor * x.sum(0), stacked), whole)
-            assert_diagonal_close(
-                jax.tree.map(lambda x: x[2], stacked), function(model, loss, alone)
-            )
+            total = jax.tree.map(lambda x: factor * np.asarray(x).sum(0), stacked)
+            assert_diagonal_close(total, whole)
+            for n in range(num):
+                assert_diagonal_close(_row(stacked, n), _row(alone, n))
+
+
+def _row(tree, n):
+    return jax.tree.map(lambda x: np.asarray(x)[n], tree)
 
 
 def test_per_sample_with_a_custom_callable_loss(getkey):
@@ -179,7 +186,7 @@ def test_fisher_is_unbiased_for_the_ggn(make_model, loss_name, getkey):
     model = make_model(getkey())
     loss = LOSS_CLASSES[loss_name]()
     batch = make_batch(model, loss_name, getkey())
-    expected = _flat(reference_ggn_diagonal(model, loss, batch))
+    expected = flat(reference_ggn_diagonal(model, loss, batch))
 
     @jax.jit
     @jax.vmap
@@ -202,8 +209,8 @@ def test_fisher_draws_and_keys(getkey):
     first = model.fisher_diagonal(loss, batch, key=jr.key(1))
     assert tree_allclose(first, model.fisher_diagonal(loss, batch, key=jr.key(1)), rtol=0)
     assert not tree_allclose(first, model.fisher_diagonal(loss, batch, key=jr.key(2)))
-    many = _flat(model.fisher_diagonal(loss, batch, key=jr.PRNGKey(0), num_samples=4000))
-    ggn = _flat(model.ggn_diagonal(loss, batch))
+    many = flat(model.fisher_diagonal(loss, batch, key=jr.PRNGKey(0), num_samples=4000))
+    ggn = flat(model.ggn_diagonal(loss, batch))
     assert np.max(np.abs(many - ggn)) < 0.05 * np.max(ggn)
 
 
@@ -223,7 +230,7 @@ def test_hutchinson_is_unbiased(make_model, loss_name, control_variate, getkey):
     model = make_model(getkey())
     loss = LOSS_CLASSES[loss_name]()
     batch = make_batch(model, loss_name, getkey())
-    exact = _flat(reference_hessian_diagonal(model, loss, batch))
+    exact = flat(reference_hessian_diagonal(model, loss, batch))
     estimates, stderrs = [], []
     for seed in range(3):
         estimate, stderr = cz.hutchinson_diagonal(
@@ -231,8 +238,8 @@ def test_hutchinson_is_unbiased(make_model, loss_name, control_variate, getkey):
             control_variate=control_variate, return_stderr=True,
         )  # fmt: skip
         assert jax.tree.structure(estimate) == jax.tree.structure(stderr)
-        estimates.append(_flat(estimate))
-        stderrs.append(_flat(stderr))
+        estimates.append(flat(estimate))
+        stderrs.append(flat(stderr))
     errors, stderrs = np.stack(estimates) - exact, np.stack(stderrs)
     spread = stderrs > 0
     assert 0.5 < np.mean((errors[spread] / stderrs[spread]) ** 2) < 2.0
@@ -256,7 +263,7 @@ def test_control_variate_lowers_the_standard_error(make_model, getkey):
             model, cz.losses.mse, batch, key=jr.key(0), num_probes=64,
             control_variate=control_variate, return_stderr=True,
         )  # fmt: skip
-        errors[control_variate] = np.mean(_flat(stderr))
+        errors[control_variate] = np.mean(flat(stderr))
     assert errors["ggn"] < errors[None] / 4
 
 
@@ -328,7 +335,7 @@ def test_family_results_are_module_shaped_with_frozen_leaves(getkey):
         (x, y),
         filter_spec=spec,
     )
-    np.testing.assert_allclose(_flat(results[0]), _flat(ggn64), rtol=1e-4)
+    np.testing.assert_allclose(flat(results[0]), flat(ggn64), rtol=1e-4)
 
 
 class _HalfMSE(cz.losses.MSE):
