@@ -233,7 +233,6 @@ def _maps(kind, cell, in_size, dtype):
 
 
 REC_SLOTS = {"elman": (0,), "gru": (3, 4, 5, 6), "lstm": (0, 1, 2, 3, 4)}  # slots C reaches
-IDENTITY = {"elman": None, "gru": (6, 0), "lstm": (4, 1)}  # (slot, state component)
 # Phases of the forward sweep: in phase p the impulse responses of the first
 # `bounds[p + 1]` source steps are carried, so little of the work is on sources that do
 # not exist yet (`P / (P + 1)` of it is useful), at the cost of one compiled loop each.
@@ -357,9 +356,10 @@ def _omega(kind, s: _Setup, layer: int, t_R):
     return cc, aa, ac
 
 
-def _backward_sweep(kind, s: _Setup, hessian: bool) -> list:
-    """Per layer `l`, `(T, L - l, n, n)`: the column block `l` of the frontier Hessian
-    after node `(l, t)`, blocks `l..L-1` (its block `l` is `M^l_t`)."""
+def _backward_sweep(kind, s: _Setup, hessian: bool) -> tuple[list, list]:
+    """Per layer `l`: `(T, L - l, n, n)`, the column block `l` of the frontier Hessian
+    after node `(l, t)` over blocks `l..L-1` (its block `l` is `M^l_t`), and `(T, n, n)`,
+    `Q^l_t = (M^l_t J^l_t)^T`, what the responses at `t - 1` are read against."""
     L = len(s.D)
     steps, n, _ = s.J[0].shape
     hidden = s.O.shape[1]
@@ -369,13 +369,15 @@ def _backward_sweep(kind, s: _Setup, hessian: bool) -> list:
 
     def step(Mf, inputs):
         Jt, Bt, Rt, O_before = inputs
-        emitted = [None] * L
+        emitted, pulled = [None] * L, [None] * L
         for l in reversed(range(L)):
             emitted[l] = Mf[l:, :, l, :]
             col = Mf[:, :, l, :]  # columns: Mf P
             if l > 0:
                 Mf = Mf.at[:, :, l - 1, :hidden].add(jnp.einsum("ikj,jh->ikh", col, Bt[l]))
-            Mf = Mf.at[:, :, l, :].set(jnp.einsum("ikj,jm->ikm", col, Jt[l]))
+            col_J = jnp.einsum("ikj,jm->ikm", col, Jt[l])
+            pulled[l] = col_J[l].T
+            Mf = Mf.at[:, :, l, :].set(col_J)
             row = Mf[l]  # rows: P^T (Mf P)
             if l > 0:
                 Mf = Mf.at[l - 1, :hidden].add(jnp.einsum("jh,jim->him", Bt[l], row))
@@ -388,15 +390,15 @@ def _backward_sweep(kind, s: _Setup, hessian: bool) -> list:
                     Mf = Mf.at[l - 1, :hidden, l, :].add(ac)
                     Mf = Mf.at[l, :, l - 1, :hidden].add(ac.T)
         Mf = Mf.at[top, :hidden, top, :hidden].add(O_before)
-        return Mf, tuple(emitted)
+        return Mf, (tuple(emitted), tuple(pulled))
 
     Mf = jnp.zeros((L, n, L, n), dtype).at[top, :hidden, top, :hidden].set(s.O[-1])
     B_above = [jnp.zeros((steps, n, hidden), dtype)] + [s.B[l] for l in range(1, L)]
-    _, columns = jax.lax.scan(
+    _, (columns, pulled) = jax.lax.scan(
         step, Mf, (jnp.stack(s.J, 1), jnp.stack(B_above, 1), jnp.stack(s.R, 1), O_prev),
         reverse=True,
     )  # fmt: skip
-    return list(columns)
+    return list(columns), list(pulled)
 
 
 # ## The forward sweep: impulse responses, read as they go
@@ -407,11 +409,19 @@ def _phases(steps: int) -> list[int]:
     return sorted({round(steps * (p + 1) / count) for p in range(count)})
 
 
-def _forward_sweep(kind, s: _Setup, columns: list, hessian: bool, embedding: bool):
+def _forward_sweep(kind, s: _Setup, columns: list, pulled: list, hessian: bool, embedding: bool):
     """The off-diagonal (`s < t`) part of every same-slot block `K`, contracted with the
     coefficients as it is read, plus the mixed term: per layer the accumulated
     `(ih (G, H, in), hh (G, H, H), slots (m, H))`, and the embedding's per-step values
-    `(T, in)` (or `None`)."""
+    `(T, in)` (or `None`).
+
+    The responses are stored transposed, block `b` as `(source layer, source unit,
+    source step, source component, row of block b)`: the update at a step is one tall
+    matrix product `G @ J^T` (and `G_below @ B^T`), and every read is a product over
+    contiguous rows, batched over units. All reads of layer `l`'s sources at step `t`
+    use the responses at `t - 1`, before the update: against `Q^l_t = (M^l_t J^l_t)^T`
+    on block `l`, the frontier Hessian on the blocks above, `C` for node `(l, t)`'s own
+    Hessian, and for the mixed term."""
     L = len(s.D)
     steps, n, _ = s.J[0].shape
     hidden = s.O.shape[1]
@@ -419,85 +429,74 @@ def _forward_sweep(kind, s: _Setup, columns: list, hessian: bool, embedding: boo
     dtype = s.O.dtype
     ih, hh, rec = (jnp.array(x) for x in (IH_SLOTS[kind], HH_SLOTS[kind], REC_SLOTS[kind]))
     gates = len(HH_SLOTS[kind])
-    # The recurrent gates' rows of W_hh as (G, H_a, H_k): C's rows for the HH slots.
-    W_hh = [s.C[l][:, hh, :hidden].transpose(1, 0, 2) for l in range(L)]
-    identity = IDENTITY[kind]
+    # C's rows for the slots it reaches, per unit: (H, n, r).
+    C_rec = [s.C[l][:, rec].transpose(0, 2, 1) for l in range(L)]
     in0 = s.v[0].shape[1]
     # rho_x[t][:, j] = sum_a C_a^T R_t[a] A[a, :, j]: node (0, t)'s Hessian pairing its
     # recurrent inputs with input column j.
     rho_x = jnp.einsum("amk,tamp,apj->tkj", s.C[0], s.R[0], s.A[0]) if embedding else None
+    # A new source: unit a's state components, `(H, q, n)` rows of the identity.
+    fresh = jnp.eye(n, dtype=dtype).reshape(q, hidden, n).transpose(1, 0, 2)[None, :, None]
+
+    def by_unit(mat):  # (n, n) read against rows k, columns (d, a) -> (H, n, q)
+        return mat.reshape(n, q, hidden).transpose(2, 0, 1)
 
     def step_fn(S):
-        D_src = [s.D[l][:S] for l in range(L)]  # (S, H, q, m)
+        D_src = [s.D[l][:S].transpose(1, 0, 2, 3) for l in range(L)]  # (H, S, q, m)
         v_src = [s.v[l][:S] for l in range(L)]
         hp_src = [s.hp[l][:S] for l in range(L)]
         tok_src = None if s.tokens is None else s.tokens[:S]
 
         def body(carry, inputs):
-            gamma, gamma_x, acc = carry
+            G, Gx, acc = carry
             t, per_layer, x_inputs = inputs
             acc = list(acc)
             emb_t = None
             for l in range(L):
-                Jt, Bt, Dt, Rt, et, vt, hpt, cols_t = per_layer[l]
-                own = gamma[l][:, l].reshape(n, S, q, hidden)  # layer-l sources, block l
-                # Reads before the update (responses at t - 1): node (l, t)'s local terms.
-                g_h = own[:hidden]  # (H_k, S, q, H_a)
-                Y = jnp.einsum("gak,ksca->sgca", W_hh[l], g_h)  # (S, G, q, H)
-                if identity is not None:
-                    slot, comp = identity
-                    # (q_k, S, q_c, H): the response of unit a's own component.
-                    diag = jnp.diagonal(own.reshape(q, hidden, S, q, hidden), axis1=1, axis2=4)
-                    Y = jnp.concatenate([Y, diag[comp][:, None]], axis=1)
-                if hessian:
-                    T1 = jnp.einsum("bsca,sacg,sb->bag", g_h, D_src[l][..., hh], hp_src[l])
-                if embedding and l == 0:
-                    x_local = jnp.einsum("ksj,kj->sj", gamma_x[0], x_inputs[1])
-                # The update of block l: every source's response, through J and B.
-                new = jnp.einsum("kj,jlsc->klsc", Jt, gamma[l])
-                if l > 0:
-                    below = gamma[l - 1][:hidden]  # (H, l, S, n): already at step t
-                    new = new.at[:, :l].add(jnp.einsum("kh,hlsc->klsc", Bt, below))
-                gamma = gamma[:l] + (new,) + gamma[l + 1 :]
-                if embedding:
-                    new_x = jnp.einsum("kj,jsc->ksc", Jt, gamma_x[l])
-                    if l > 0:
-                        new_x = new_x + jnp.einsum("kh,hsc->ksc", Bt, gamma_x[l - 1][:hidden])
-                    gamma_x = gamma_x[:l] + (new_x,) + gamma_x[l + 1 :]
-                # Reads after it: the frontier after node (l, t) against its Hessian.
-                Z = 0
-                for b in range(l, L):
-                    resp = gamma[b][:, l].reshape(n, S, q, hidden)
-                    target = cols_t[b - l].reshape(n, q, hidden)
-                    Z = Z + jnp.einsum("ksca,kda->scda", resp, target)
-                first = jnp.einsum("scda,adm->scam", Z, Dt)
-                second = jnp.einsum("sgca,agm->scam", Y, Rt[:, rec])
-                K = jnp.einsum("sacm,scam->mas", D_src[l], first + second)  # (m, H, S)
+                Jt, Bt, Dt, Rt, et, vt, hpt, cols_t, Q_t = per_layer[l]
+                own = G[l][l]  # (H, S, q, n): layer l's sources in block l, at t - 1
+                # Reads: block l against Q and C (node (l, t)'s own Hessian), the
+                # blocks above against the frontier Hessian.
+                target = jnp.concatenate([by_unit(Q_t), C_rec[l]], axis=2)  # (H, n, q + r)
+                read = jnp.einsum("asck,akj->ascj", own, target)
+                Z, Y = read[..., :q], read[..., q:]
+                for b in range(l + 1, L):
+                    Z = Z + jnp.einsum("asck,akd->ascd", G[b][l], by_unit(cols_t[b - l]))
+                first = jnp.einsum("ascd,adm->ascm", Z, Dt)
+                second = jnp.einsum("ascj,ajm->ascm", Y, Rt[:, rec])
+                K = jnp.einsum("ascm,ascm->mas", D_src[l], first + second)  # (m, H, S)
                 ih_acc, hh_acc, slot_acc = acc[l]
                 ih_acc = ih_acc + 2 * jnp.einsum("gas,sb->gab", K[ih], v_src[l]) * vt
                 hh_acc = hh_acc + 2 * jnp.einsum("gas,sb->gab", K[hh], hp_src[l]) * hpt
-                if hessian:
-                    hh_acc = hh_acc + 2 * jnp.einsum("ag,bag->gab", et[:, hh], T1)
+                if hessian:  # the mixed term of W_hh: responses of h, weighted
+                    weighted = own[..., :hidden] * hp_src[l][None, :, None, :]
+                    T1 = jnp.einsum("ascb,ascg->abg", weighted, D_src[l][..., hh])
+                    hh_acc = hh_acc + 2 * jnp.einsum("ag,abg->gab", et[:, hh], T1)
                 slot_acc = slot_acc + 2 * jnp.sum(K, axis=-1)
                 acc[l] = (ih_acc, hh_acc, slot_acc)
                 if embedding and l == 0:
-                    Ut = x_inputs[0]
-                    x_q = 0
-                    for b in range(L):
-                        target = jnp.einsum("kd,dj->kj", cols_t[b].reshape(n, n), Ut)
-                        x_q = x_q + jnp.einsum("ksj,kj->sj", gamma_x[b], target)
-                    same = (tok_src == x_inputs[2]).astype(dtype)
-                    emb_t = 2 * jnp.einsum("s,sj->j", same, x_local + x_q)
-                # New sources: the state of node (l, t) itself (and the input at t).
-                eye = jnp.eye(n, dtype=dtype)[:, None, None, :]
-                gamma_l = jax.lax.dynamic_update_slice(gamma[l], eye, (0, l, t, 0))
-                gamma = gamma[:l] + (gamma_l,) + gamma[l + 1 :]
-                if embedding and l == 0:
-                    gamma_x = (
-                        jax.lax.dynamic_update_slice(gamma_x[0], x_inputs[0][:, None], (0, t, 0)),
-                        *gamma_x[1:],
-                    )
-            return (gamma, gamma_x, tuple(acc)), emb_t
+                    Ut, rho_t, tok_t = x_inputs
+                    x_read = jnp.einsum("sjk,kj->sj", Gx[0], rho_t + Q_t @ Ut)
+                    for b in range(1, L):
+                        x_read = x_read + jnp.einsum("sjk,kj->sj", Gx[b], cols_t[b] @ Ut)
+                    same = (tok_src == tok_t).astype(dtype)
+                    emb_t = 2 * jnp.einsum("s,sj->j", same, x_read)
+                # The update of block l: every source's response, through J and B.
+                new = jnp.einsum("...k,jk->...j", G[l], Jt)
+                if l > 0:
+                    below = jnp.einsum("...h,jh->...j", G[l - 1][..., :hidden], Bt)
+                    new = new.at[:l].add(below)
+                # New sources: node (l, t)'s own state.
+                new = jax.lax.dynamic_update_slice(new, fresh, (l, 0, t, 0, 0))
+                G = G[:l] + (new,) + G[l + 1 :]
+                if embedding:
+                    new_x = jnp.einsum("sjk,ik->sji", Gx[l], Jt)
+                    if l > 0:
+                        new_x = new_x + jnp.einsum("sjh,ih->sji", Gx[l - 1][..., :hidden], Bt)
+                    if l == 0:
+                        new_x = jax.lax.dynamic_update_slice(new_x, x_inputs[0].T[None], (t, 0, 0))
+                    Gx = Gx[:l] + (new_x,) + Gx[l + 1 :]
+            return (G, Gx, tuple(acc)), emb_t
 
         return body
 
@@ -509,24 +508,23 @@ def _forward_sweep(kind, s: _Setup, columns: list, hessian: bool, embedding: boo
         )
         for l in range(L)
     )
-    gamma = tuple(jnp.zeros((n, b + 1, 0, n), dtype) for b in range(L))
-    gamma_x = tuple(jnp.zeros((n, 0, in0), dtype) for _ in range(L)) if embedding else ()
+    G = tuple(jnp.zeros((b + 1, hidden, 0, q, n), dtype) for b in range(L))
+    Gx = tuple(jnp.zeros((0, in0, n), dtype) for _ in range(L)) if embedding else ()
     emb = []
     start = 0
     for stop in _phases(steps):
-        width = stop
-        pad = width - gamma[0].shape[2]
-        gamma = tuple(jnp.pad(g, ((0, 0), (0, 0), (0, pad), (0, 0))) for g in gamma)
-        gamma_x = tuple(jnp.pad(g, ((0, 0), (0, pad), (0, 0))) for g in gamma_x)
+        pad = stop - G[0].shape[2]
+        G = tuple(jnp.pad(g, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))) for g in G)
+        Gx = tuple(jnp.pad(g, ((0, pad), (0, 0), (0, 0))) for g in Gx)
         span = slice(start, stop)
         per_layer = tuple(
             (s.J[l][span], s.B[l][span], s.D[l][span], s.R[l][span], s.e[l][span],
-             s.v[l][span], s.hp[l][span], columns[l][span])
+             s.v[l][span], s.hp[l][span], columns[l][span], pulled[l][span])
             for l in range(L)
         )  # fmt: skip
         x_inputs = (s.B[0][span], rho_x[span], s.tokens[span]) if embedding else (None, None, None)
-        (gamma, gamma_x, acc), emb_part = jax.lax.scan(
-            step_fn(width), (gamma, gamma_x, acc), (jnp.arange(start, stop), per_layer, x_inputs)
+        (G, Gx, acc), emb_part = jax.lax.scan(
+            step_fn(stop), (G, Gx, acc), (jnp.arange(start, stop), per_layer, x_inputs)
         )
         emb.append(emb_part)
         start = stop
@@ -550,8 +548,8 @@ def _per_sample(chain: RecurrentChain, quantity: str, model, loss, sample, embed
     kind = chain.kind
     hessian = quantity == "hessian"
     s = _setup(chain, hessian, model, loss, sample)
-    columns = _backward_sweep(kind, s, hessian)
-    layers, emb = _forward_sweep(kind, s, columns, hessian, embedding and chain.tokens)
+    columns, pulled = _backward_sweep(kind, s, hessian)
+    layers, emb = _forward_sweep(kind, s, columns, pulled, hessian, embedding and chain.tokens)
     hidden = s.O.shape[1]
     q = STATE_PER_UNIT[kind]
     ih, hh = jnp.array(IH_SLOTS[kind]), jnp.array(HH_SLOTS[kind])
