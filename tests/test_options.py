@@ -4,9 +4,10 @@ Every kernel runs its lanes (samples, basis vectors, probes) through one chunked
 that pads the last chunk by repeating lane 0 with mask 0. A sum that ignores the mask, a
 stack that keeps the padded rows, or an index shifted by one only shows when the chunks
 pad, so each test here picks sizes whose chunks do (5 samples or probes in chunks of 2:
-three chunks, one padded lane; 51 basis vectors in chunks of 7: eight chunks, five padded
-lanes), asserts with `curvzoo.plan` that they do, and checks the values, with some leaves
-frozen, against the references of `helpers.py` (float64, `rtol=1e-10`).
+three chunks, one padded lane; the MLP's 31 trained entries in chunks of 7 basis vectors:
+five chunks, four padded lanes), asserts with `curvzoo.plan` that they do, and checks the
+values, with two leaves frozen, against the references of `helpers.py` (float64,
+`rtol=1e-10`).
 """
 
 import curvzoo as cz
@@ -153,6 +154,8 @@ def _loss(quantity):
 
 @pytest.mark.parametrize("name", list(SUMS))
 def test_chunk_size_that_pads(name):
+    """A sum over padded chunks (each chunk's lanes weighted by the mask, or, for the
+    generic kernel, stacked and the padded lanes dropped) equals the reference."""
     quantity, model_name, method, kernel = SUMS[name]
     model, batch, spec = _setup(model_name)
     loss = _loss(quantity)
@@ -219,6 +222,7 @@ BUDGETS = {
     "hessian-layered": ("hessian", "mlp", "structured", "layered", CHUNK),
     "hessian-recurrent": ("hessian", "gru", "structured", "recurrent", CHUNK),
     "hessian-generic": ("hessian", "mlp", "generic", "generic", BASIS_CHUNK),
+    "ggn-recurrent": ("ggn", "gru", "structured", "recurrent", CHUNK),
     "ggn-vjp": ("ggn", "gru", "generic", "vjp", CHUNK),
 }
 
