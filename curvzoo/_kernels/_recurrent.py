@@ -236,7 +236,7 @@ REC_SLOTS = {"elman": (0,), "gru": (3, 4, 5, 6), "lstm": (0, 1, 2, 3, 4)}  # slo
 # Phases of the forward sweep: in phase p the impulse responses of the first
 # `bounds[p + 1]` source steps are carried, so little of the work is on sources that do
 # not exist yet (`P / (P + 1)` of it is useful), at the cost of one compiled loop each.
-PHASES = 4
+PHASES = 8
 
 
 class _Setup(NamedTuple):
@@ -341,18 +341,18 @@ def _setup(chain: RecurrentChain, hessian: bool, model, loss, sample) -> _Setup:
 # ## The backward sweep over the frontier
 
 
-def _omega(kind, s: _Setup, layer: int, t_R):
+def _omega(kind, C, A, layer: int, t_R):
     """The node's Hessian in its frontier inputs: `(C^T R C, A^T R A, A^T R C)` over
-    the slots that `C` and `A` reach (the last two for layers above the first)."""
+    the slots that `C` (`(H, r, n)`) and `A` (`(H, g, H)`) reach (the last two for
+    layers above the first); each one matrix product over `(unit, slot)`."""
     rec, ih = jnp.array(REC_SLOTS[kind]), jnp.array(IH_SLOTS[kind])
-    C = s.C[layer][:, rec]  # (H, r, n)
-    R_rr = t_R[:, rec][:, :, rec]
-    cc = jnp.einsum("ark,arp,apj->kj", C, R_rr, C)
+    R_c = t_R[:, :, rec]  # (H, m, r)
+    RC = jnp.einsum("arp,apj->arj", R_c[:, rec], C)
+    cc = jnp.einsum("ark,arj->kj", C, RC)
     if layer == 0:
         return cc, None, None
-    A = s.A[layer][:, ih]  # (H, g, H)
-    aa = jnp.einsum("agk,agp,apj->kj", A, t_R[:, ih][:, :, ih], A)
-    ac = jnp.einsum("agk,agr,arj->kj", A, t_R[:, ih][:, :, rec], C)
+    aa = jnp.einsum("agk,agj->kj", A, jnp.einsum("agp,apj->agj", t_R[:, ih][:, :, ih], A))
+    ac = jnp.einsum("agk,agj->kj", A, jnp.einsum("agr,arj->agj", R_c[:, ih], C))
     return cc, aa, ac
 
 
@@ -366,6 +366,8 @@ def _backward_sweep(kind, s: _Setup, hessian: bool) -> tuple[list, list]:
     dtype = s.O.dtype
     top = L - 1
     O_prev = jnp.concatenate([jnp.zeros((1, hidden, hidden), dtype), s.O[:-1]])
+    C_rec = [s.C[l][:, jnp.array(REC_SLOTS[kind])] for l in range(L)]
+    A_ih = [s.A[l][:, jnp.array(IH_SLOTS[kind])] for l in range(L)]
 
     def step(Mf, inputs):
         Jt, Bt, Rt, O_before = inputs
@@ -383,7 +385,7 @@ def _backward_sweep(kind, s: _Setup, hessian: bool) -> tuple[list, list]:
                 Mf = Mf.at[l - 1, :hidden].add(jnp.einsum("jh,jim->him", Bt[l], row))
             Mf = Mf.at[l].set(jnp.einsum("jk,jim->kim", Jt[l], row))
             if hessian:
-                cc, aa, ac = _omega(kind, s, l, Rt[l])
+                cc, aa, ac = _omega(kind, C_rec[l], A_ih[l], l, Rt[l])
                 Mf = Mf.at[l, :, l, :].add(cc)
                 if l > 0:
                     Mf = Mf.at[l - 1, :hidden, l - 1, :hidden].add(aa)
@@ -469,9 +471,11 @@ def _forward_sweep(kind, s: _Setup, columns: list, pulled: list, hessian: bool, 
                 ih_acc = ih_acc + 2 * jnp.einsum("gas,sb->gab", K[ih], v_src[l]) * vt
                 hh_acc = hh_acc + 2 * jnp.einsum("gas,sb->gab", K[hh], hp_src[l]) * hpt
                 if hessian:  # the mixed term of W_hh: responses of h, weighted
-                    weighted = own[..., :hidden] * hp_src[l][None, :, None, :]
-                    T1 = jnp.einsum("ascb,ascg->abg", weighted, D_src[l][..., hh])
-                    hh_acc = hh_acc + 2 * jnp.einsum("ag,abg->gab", et[:, hh], T1)
+                    # sum over (s, c) of G[a, s, c, b] hp[s, b] D[a, s, c, g]: one fused
+                    # reduction (a product over units would be one tiny product each).
+                    weighted = (own[..., :hidden] * hp_src[l][None, :, None, :])[:, :, :, None]
+                    T1 = jnp.sum(weighted * D_src[l][..., hh][..., None], axis=(1, 2))
+                    hh_acc = hh_acc + 2 * jnp.einsum("ag,agb->gab", et[:, hh], T1)
                 slot_acc = slot_acc + 2 * jnp.sum(K, axis=-1)
                 acc[l] = (ih_acc, hh_acc, slot_acc)
                 if embedding and l == 0:
