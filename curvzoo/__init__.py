@@ -11,6 +11,7 @@ from ._api._family import (
 from ._api._hessian import hessian_diagonal as hessian_diagonal
 from ._api._hutchinson import hutchinson_diagonal as hutchinson_diagonal
 from ._api._plan import plan as plan
+from ._api._time_steps import time_step_curvature as time_step_curvature
 from ._dispatch._plan import Plan as Plan
 from ._models import (
     AbstractModel as AbstractModel,

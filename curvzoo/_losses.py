@@ -141,6 +141,20 @@ class AbstractLoss(eqx.Module):
     `curvzoo.fisher_diagonal` also needs a method `sample_targets(key, prediction)`
     that draws one sample's targets from the model's predictive distribution, the one
     whose negative log-likelihood the loss is; the curvzoo losses define it.
+
+    **Sequences of different lengths.** A batch `(inputs, targets, lengths)`, with
+    `lengths` an integer array `(N,)` of values in `[1, T]`, calls the model as
+    `model(x, length)` on every sequence (the zoo `RNN` reads its last-state readout at
+    step `length - 1`). Where one sample's prediction has a step axis (two or more axes,
+    steps first: per-step targets `(N, T, ...)`), the steps at or past the length are
+    left out (`sample_loss`), and `reduction="mean"` is the mean over the *valid steps*
+    of the whole batch: the sum of their losses over `sum(lengths)` (times one step's
+    elements). Every valid step weighs the same whatever its sequence's length, as in a
+    language model's mean per-token loss (whose exponential is the perplexity),
+    `torch.nn.CrossEntropyLoss(ignore_index=...)`, and the `sum(loss * mask) /
+    sum(mask)` of JAX training loops; with every length `T` it is the loss without
+    lengths. Targets at padded steps are neither used nor checked (a padding label such
+    as `-1` is fine).
     """
 
     reduction: eqx.AbstractVar[str]
@@ -376,7 +390,9 @@ class CrossEntropy(AbstractStepwiseLoss):
     shape without the class axis, `()` or `(T,)`, with values in `[0, C)`.
 
     `reduction="mean"` is the mean over samples and, for per-step predictions, over
-    steps too: the sum of all per-step losses divided by `N * T`. `"sum"` is their sum.
+    steps too: the sum of all per-step losses divided by `N * T` (with lengths, by
+    `sum(lengths)`: the mean over valid steps, see `AbstractLoss`). `"sum"` is their
+    sum.
 
     Label values are checked by the curvature functions when they are concrete; inside
     `jax.jit` they cannot be, and out-of-range labels are clipped to `[0, C)`.

@@ -235,7 +235,8 @@ def _maps(kind, cell, in_size, dtype):
 REC_SLOTS = {"elman": (0,), "gru": (3, 4, 5, 6), "lstm": (0, 1, 2, 3, 4)}  # slots C reaches
 # Phases of the forward sweep: in phase p the impulse responses of the first
 # `bounds[p + 1]` source steps are carried, so little of the work is on sources that do
-# not exist yet (`P / (P + 1)` of it is useful), at the cost of one compiled loop each.
+# not exist yet (`P / (P + 1)` of it is useful), at the cost of one compiled loop each:
+# `PHASES` for one layer, fewer for stacked layers, whose loop bodies are longer.
 PHASES = 8
 
 
@@ -406,8 +407,8 @@ def _backward_sweep(kind, s: _Setup, hessian: bool) -> tuple[list, list]:
 # ## The forward sweep: impulse responses, read as they go
 
 
-def _phases(steps: int) -> list[int]:
-    count = max(1, min(PHASES, steps))
+def _phases(steps: int, layers: int) -> list[int]:
+    count = max(1, min(max(3, PHASES // layers), steps))
     return sorted({round(steps * (p + 1) / count) for p in range(count)})
 
 
@@ -516,7 +517,7 @@ def _forward_sweep(kind, s: _Setup, columns: list, pulled: list, hessian: bool, 
     Gx = tuple(jnp.zeros((0, in0, n), dtype) for _ in range(L)) if embedding else ()
     emb = []
     start = 0
-    for stop in _phases(steps):
+    for stop in _phases(steps, L):
         pad = stop - G[0].shape[2]
         G = tuple(jnp.pad(g, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))) for g in G)
         Gx = tuple(jnp.pad(g, ((0, pad), (0, 0), (0, 0))) for g in Gx)
@@ -577,6 +578,51 @@ def _per_sample(chain: RecurrentChain, quantity: str, model, loss, sample, embed
         x_tt = x_tt + jnp.einsum("amj,tamp,apj->tj", s.A[0], s.R[0], s.A[0])
         result["embedding"] = (emb + x_tt, s.tokens)
     return result
+
+
+# ## Curvature per time step
+
+
+SITES = ("state", "preactivation")
+
+
+def time_step_sizes(chain: RecurrentChain, hidden: int) -> dict:
+    """The number of values per step of each site: every layer's state (`q H`), or
+    every layer's gate pre-activations (`G H`)."""
+    kind = chain.kind
+    layers = chain.num_layers
+    return {
+        "state": layers * STATE_PER_UNIT[kind] * hidden,
+        "preactivation": layers * len(IH_SLOTS[kind]) * hidden,
+    }
+
+
+def time_step_curvature(chain: RecurrentChain, quantity: str, site: str, model, loss, sample):
+    """One sample's curvature per time step, unscaled, `(T, size)`: the diagonal of the
+    Hessian (or GGN) of its loss with respect to a perturbation added to every layer's
+    state after each step (`site="state"`: `diag M^l_t`, the backward sweep's own
+    blocks), or to every gate's pre-activation at each step (`"preactivation"`:
+    `D_t^T M^l_t D_t + R_t` on the input slots). Layers are concatenated, first layer
+    first; a layer's state is `(h,)` or, for the LSTM, `(h, c)`."""
+    kind = chain.kind
+    hessian = quantity == "hessian"
+    s = _setup(chain, hessian, model, loss, sample)
+    columns, _ = _backward_sweep(kind, s, hessian)
+    hidden = s.O.shape[1]
+    q = STATE_PER_UNIT[kind]
+    parts = []
+    for layer in range(len(s.D)):
+        M = columns[layer][:, 0]  # (T, n, n)
+        if site == "state":
+            parts.append(jnp.diagonal(M, axis1=1, axis2=2))
+            continue
+        ih = jnp.array(IH_SLOTS[kind])
+        M_aa = _same_unit(M, q, hidden)  # (T, H, q, q)
+        D = s.D[layer][..., ih]  # (T, H, q, G)
+        K_tt = jnp.einsum("tacg,tacd,tadg->tga", D, M_aa, D)
+        K_tt = K_tt + jnp.einsum("tagg->tga", s.R[layer][:, :, ih][:, :, :, ih])
+        parts.append(K_tt.reshape(K_tt.shape[0], -1))
+    return jnp.concatenate(parts, axis=1)
 
 
 # ## The kernel
