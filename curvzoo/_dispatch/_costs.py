@@ -131,7 +131,7 @@ def machine_rate() -> float:
 # on the slow side: an estimate that errs should promise too little.
 EFFICIENCY = {
     "layered": 0.25,
-    "recurrent": 0.2,
+    "recurrent": 0.25,
     "generic": 0.1,
     "vjp": 0.1,
     "hutchinson": 0.1,
