@@ -236,8 +236,10 @@ REC_SLOTS = {"elman": (0,), "gru": (3, 4, 5, 6), "lstm": (0, 1, 2, 3, 4)}  # slo
 # Phases of the forward sweep: in phase p the impulse responses of the first
 # `bounds[p + 1]` source steps are carried, so little of the work is on sources that do
 # not exist yet (`P / (P + 1)` of it is useful), at the cost of one compiled loop each:
-# `PHASES` for one layer, fewer for stacked layers, whose loop bodies are longer.
+# `PHASES` for one layer, fewer for stacked layers, whose loop bodies are longer, and
+# one per `STEPS_PER_PHASE` steps at most (short sequences cost little either way).
 PHASES = 8
+STEPS_PER_PHASE = 4
 
 
 class _Setup(NamedTuple):
@@ -289,6 +291,7 @@ def _setup(chain: RecurrentChain, hessian: bool, model, loss, sample) -> _Setup:
         tokens = xs
         xs = jnp.take(chain.embedding(model).weight, tokens, axis=0, mode="clip")
     dtype = _state_dtype(cells, xs)
+    xs = xs.astype(dtype)  # products of inputs (their squares among them) in the model's precision
     last = None if length is None else jnp.clip(length - 1, 0, steps - 1)
 
     def predict(states):
@@ -408,7 +411,7 @@ def _backward_sweep(kind, s: _Setup, hessian: bool) -> tuple[list, list]:
 
 
 def _phases(steps: int, layers: int) -> list[int]:
-    count = max(1, min(max(3, PHASES // layers), steps))
+    count = max(1, min(max(3, PHASES // layers), -(-steps // STEPS_PER_PHASE)))
     return sorted({round(steps * (p + 1) / count) for p in range(count)})
 
 
