@@ -56,6 +56,21 @@ def split_batch(batch: PyTree) -> tuple[PyTree, PyTree]:
     return inputs, targets
 
 
+def reduction_factor(loss, batch_size: int, prediction_shape: tuple, lengths, per_sample: bool):
+    """The factor that multiplies a curvzoo `loss`'s sum of per-sample losses for a
+    batch of `batch_size` samples (`prediction_shape` one sample's) and `lengths`
+    (`(N,)` or `None`): for the batch, or with `per_sample` for each sample alone, a
+    `(N,)` array (a sequence's own mean is over its own valid steps)."""
+    shape = tuple(prediction_shape)
+    if not per_sample:
+        return loss.scale(batch_size, shape, lengths)
+    if lengths is None:
+        return loss.scale(1, shape)
+    return jax.vmap(lambda length: jnp.asarray(loss.scale(1, shape, length[None])))(
+        jnp.asarray(lengths)
+    )
+
+
 def batch_parts(batch: PyTree) -> tuple[PyTree, PyTree, PyTree | None]:
     """Split a curvzoo loss's batch into `(inputs, targets, lengths)`, `lengths` `None`
     for a pair `(inputs, targets)`; a clear error for anything else."""

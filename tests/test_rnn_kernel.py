@@ -78,11 +78,6 @@ def test_generic_kernel_with_lengths_and_tokens(getkey):
     assert_diagonal_close(result, reference_hessian_diagonal(model, loss, batch))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the run driver multiplies by `loss.scale(N, shape)` without the lengths; the mean "
-    "over valid steps needs `loss.scale(N, shape, lengths)` there (see the report)",
-)
 def test_mean_over_valid_steps_through_the_driver(getkey):
     model, batch = make("elman", 1, "ce", "all", False, True, getkey())
     loss = cz.losses.cross_entropy

@@ -12,7 +12,7 @@ from .._dispatch._costs import profile
 from .._dispatch._structures import describe, Recurrent, Unsupported
 from .._kernels._lanes import chunked
 from .._kernels._recurrent import SITES, time_step_curvature as _one_sample
-from .._losses import AbstractLoss, AbstractStepwiseLoss, batch_parts
+from .._losses import AbstractLoss, AbstractStepwiseLoss, batch_parts, reduction_factor
 from .._run._checks import check_batch, check_loss, check_model, raise_non_finite
 from .._run._devices import check_mesh, place_batch, replicate
 from ._options import make_options
@@ -51,13 +51,9 @@ def _chain_of(model, batch):
 
 def _scales(loss, size: int, prediction_shape: tuple, lengths, per_sample: bool):
     """The loss's reduction factor for the batch, or for each sample alone (`(N,)`)."""
-    shape = tuple(prediction_shape[1:])
     lengths = None if lengths is None else jnp.asarray(lengths)
-    if not per_sample:
-        return jnp.asarray(loss.scale(size, shape, lengths))
-    if lengths is None:
-        return jnp.full(size, loss.scale(1, shape))
-    return jax.vmap(lambda length: jnp.asarray(loss.scale(1, shape, length[None])))(lengths)
+    scale = reduction_factor(loss, size, tuple(prediction_shape[1:]), lengths, per_sample)
+    return jnp.broadcast_to(jnp.asarray(scale), (size,) if per_sample else ())
 
 
 @eqx.filter_jit

@@ -21,6 +21,7 @@ from .._kernels._generic import (
 )
 from .._kernels._hutchinson import hutchinson_kernel, probe_product
 from .._kernels._samples import AbstractSampleKernel, run_sample_kernel
+from .._losses import batch_parts, reduction_factor
 from ._costs import Profile, profile
 
 
@@ -45,10 +46,16 @@ class Context:
         """The loss as `loss(model, batch)`, with `args` bound where given."""
         return bind(self.loss, self.args)
 
+    def lengths(self):
+        """The batch's lengths (a triple `(inputs, targets, lengths)`), or `None`."""
+        return batch_parts(self.batch)[2]
+
     def scale(self, per_sample: bool):
-        """The loss's reduction factor for the batch (or for one sample)."""
-        size = 1 if per_sample else self.batch_size
-        return self.loss.scale(size, self.prediction_shape[1:])
+        """The loss's reduction factor for the batch, or with `per_sample` for each
+        sample alone (`(N,)` where lengths make them differ): on traced inputs only."""
+        return reduction_factor(
+            self.loss, self.batch_size, self.prediction_shape[1:], self.lengths(), per_sample
+        )
 
 
 def bind(loss, args):
@@ -89,7 +96,7 @@ def _target_draws(ctx: Context):
     """`(N, S, *target)` targets drawn from the model's predictions (the Fisher)."""
     model = eqx.combine(ctx.params, ctx.static)
     inputs = ctx.batch[0]
-    predictions = jax.lax.stop_gradient(ctx.loss.predict(model, inputs))
+    predictions = jax.lax.stop_gradient(ctx.loss.predictions(model, inputs, ctx.lengths()))
 
     def draws(sample_key, prediction):
         keys = jax.random.split(sample_key, ctx.options.num_samples)
@@ -108,12 +115,13 @@ class SampleRoute:
     def samples(self, ctx: Context):
         """What the kernel sums over: the batch, or for the Fishers the inputs with the
         targets stacked on a new axis (the true one, or the draws)."""
+        rest = tuple(ctx.batch[2:])  # the lengths, if any
         if ctx.quantity == "empirical_fisher":
             inputs, targets = ctx.batch[0], ctx.batch[1]
             if isinstance(targets, jax.ShapeDtypeStruct):  # planning: shapes only
                 shape = (targets.shape[0], 1, *targets.shape[1:])
-                return (inputs, jax.ShapeDtypeStruct(shape, targets.dtype))
-            return (inputs, jnp.asarray(targets)[:, None])
+                return (inputs, jax.ShapeDtypeStruct(shape, targets.dtype), *rest)
+            return (inputs, jnp.asarray(targets)[:, None], *rest)
         if ctx.quantity == "fisher":
             if isinstance(ctx.key, jax.ShapeDtypeStruct):  # planning: shapes only
                 targets = ctx.batch[1]
@@ -121,8 +129,8 @@ class SampleRoute:
                     (targets.shape[0], ctx.options.num_samples, *targets.shape[1:]),
                     _draw_dtype(ctx),
                 )
-                return (ctx.batch[0], draws)
-            return (ctx.batch[0], _target_draws(ctx))
+                return (ctx.batch[0], draws, *rest)
+            return (ctx.batch[0], _target_draws(ctx), *rest)
         return ctx.batch
 
     def cost(self, ctx: Context) -> Cost:
@@ -144,14 +152,13 @@ class SampleRoute:
 
 def _draw_dtype(ctx: Context):
     model = eqx.combine(ctx.params, ctx.static)
-    shapes = eqx.filter_eval_shape(
-        lambda loss, m, x: loss.sample_targets(
-            jax.random.key(0), loss.predict(m, jax.tree.map(lambda v: v[:1], x))[0]
-        ),
-        ctx.loss,
-        model,
-        ctx.batch[0],
-    )
+    lengths = ctx.lengths()
+
+    def draw(loss, m, x, lengths):
+        first = jax.tree.map(lambda v: v[:1], (x, lengths))
+        return loss.sample_targets(jax.random.key(0), loss.predictions(m, *first)[0])
+
+    shapes = eqx.filter_eval_shape(draw, ctx.loss, model, ctx.batch[0], lengths)
     return shapes.dtype
 
 
@@ -209,11 +216,10 @@ class HutchinsonRoute:
 
     def cost(self, ctx: Context) -> Cost:
         found = {}
-        scale = ctx.scale(False) if self.ggn is not None else 1.0
 
         def shared(params, static, loss, batch, args):
             flat, _, product = probe_product(
-                params, static, bind(loss, args), batch, scale, self.ggn is not None
+                params, static, bind(loss, args), batch, self.ggn is not None
             )
             found["lane"] = profile(lambda v: v * product(v), flat)
             return flat
@@ -231,8 +237,7 @@ class HutchinsonRoute:
     def run(self, ctx: Context, chunk: int):
         subtract = self.ggn is not None
         estimate, stderr = hutchinson_kernel(
-            ctx.params, ctx.static, ctx.bound_loss(), ctx.batch,
-            scale=ctx.scale(False) if subtract else 1.0, key=ctx.key,
+            ctx.params, ctx.static, ctx.bound_loss(), ctx.batch, key=ctx.key,
             num_probes=ctx.options.num_probes, subtract_ggn=subtract, chunk=chunk,
             progress=ctx.progress, mesh=ctx.options.mesh,
         )  # fmt: skip

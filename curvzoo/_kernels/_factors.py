@@ -19,11 +19,18 @@ from jaxtyping import Array
 QUANTITIES = ("hessian", "ggn", "gradients")
 
 
-def output_factor(quantity: str, loss, prediction: Array, target: Array) -> tuple[Array, Array]:
-    """`(columns (K, *prediction.shape), weights (K,))` of one sample."""
+def output_factor(
+    quantity: str, loss, prediction: Array, target: Array, length: Array | None = None
+) -> tuple[Array, Array]:
+    """`(columns (K, *prediction.shape), weights (K,))` of one sample; with `length`,
+    those of its masked loss (`loss.sample_loss`): the columns times the step mask,
+    which zeroes the padded steps' gradients and Hessian blocks alike."""
     if quantity == "gradients":
         grads = jax.vmap(jax.grad(loss.per_sample), (None, 0))(prediction, target)
-        return grads, jnp.full(grads.shape[0], 1 / grads.shape[0], grads.dtype)
-    if quantity in ("hessian", "ggn"):
-        return loss.output_hessian_factor(prediction, target)
-    raise ValueError(f"unknown quantity {quantity!r}")
+        cols, weights = grads, jnp.full(grads.shape[0], 1 / grads.shape[0], grads.dtype)
+    elif quantity in ("hessian", "ggn"):
+        cols, weights = loss.output_hessian_factor(prediction, target)
+    else:
+        raise ValueError(f"unknown quantity {quantity!r}")
+    mask = loss.step_mask(prediction, length)
+    return (cols, weights) if mask is None else (cols * mask, weights)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import PyTree
 
+from .._losses import batch_parts
 from ._lanes import chunked
 
 
@@ -28,6 +29,37 @@ def hessian_vector_product(params: PyTree, static: PyTree, loss: Callable, batch
 
     _, hvp = jax.linearize(jax.grad(loss_of_flat), flat)
     return flat, unravel, hvp
+
+
+def ggn_vector_product(loss, model_of: Callable, batch: PyTree, at: PyTree) -> Callable:
+    """`v -> G v` at the parameters `at` (`model_of(at)` the model), for the GGN
+    `G = J^T H_out J` of a curvzoo `loss`: `J` the Jacobian of the batch's predictions
+    in the parameters, `H_out` the Hessian in them of the loss's per-sample form
+    `scale * sum_n sample_loss(prediction_n, y_n[, length_n])`, block-diagonal over
+    samples. A batch `(inputs, targets, lengths)` is predicted with its lengths, its
+    padded steps are masked and `scale` is that of the mean over valid steps.
+
+    The predictions and the output gradient are linearised once; each product is then
+    a Jacobian-vector product, a tangent pass through the output gradient and a
+    vector-Jacobian product (about two gradients)."""
+    inputs, targets, lengths = batch_parts(batch)
+
+    def predict(p):
+        return loss.predictions(model_of(p), inputs, lengths)
+
+    predictions, jvp = jax.linearize(predict, at)
+    scale = loss.scale(predictions.shape[0], predictions.shape[1:], lengths)
+
+    def outer_loss(prediction):
+        if lengths is None:
+            terms = jax.vmap(loss.sample_loss)(prediction, targets)
+        else:
+            terms = jax.vmap(loss.sample_loss)(prediction, targets, lengths)
+        return scale * jnp.sum(terms)
+
+    _, out_product = jax.linearize(jax.grad(outer_loss), predictions)
+    vjp = jax.linear_transpose(jvp, at)
+    return lambda vector: vjp(out_product(jvp(vector)))[0]
 
 
 def generic_hessian_diagonal(

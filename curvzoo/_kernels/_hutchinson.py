@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
-from ._generic import hessian_vector_product
+from ._generic import ggn_vector_product, hessian_vector_product
 from ._lanes import chunked
 
 
@@ -29,29 +29,14 @@ def _merge(a, b):
     return count, mean, m2
 
 
-def probe_product(params, static, loss, batch, scale, subtract_ggn: bool):
+def probe_product(params, static, loss, batch, subtract_ggn: bool):
     """`(flat, unravel, product)`: the trainable leaves raveled, and `product(z) = A z`
     for `A = H`, or with `subtract_ggn` `A = H - G`."""
     flat, unravel, hvp = hessian_vector_product(params, static, loss, batch)
     if not subtract_ggn:
         return flat, unravel, hvp
-
-    def model_of(vector):
-        return eqx.combine(unravel(vector), static)
-
-    inputs, targets = batch[0], batch[1]
-    predictions, jvp = jax.linearize(lambda v: loss.predict(model_of(v), inputs), flat)
-    vjp = jax.linear_transpose(jvp, flat)
-
-    def outer_loss(prediction):
-        return scale * jnp.sum(jax.vmap(loss.per_sample)(prediction, targets))
-
-    _, out_hvp = jax.linearize(jax.grad(outer_loss), predictions)
-
-    def product(z):
-        return hvp(z) - vjp(out_hvp(jvp(z)))[0]
-
-    return flat, unravel, product
+    gvp = ggn_vector_product(loss, lambda v: eqx.combine(unravel(v), static), batch, flat)
+    return flat, unravel, lambda z: hvp(z) - gvp(z)
 
 
 def hutchinson_kernel(
@@ -60,7 +45,6 @@ def hutchinson_kernel(
     loss,
     batch: PyTree,
     *,
-    scale,
     key: Array,
     num_probes: int,
     subtract_ggn: bool,
@@ -81,7 +65,7 @@ def hutchinson_kernel(
     parameter-sized vectors; the statistics are merged chunk by chunk (Chan's update),
     so memory does not grow with `num_probes`.
     """
-    flat, unravel, product = probe_product(params, static, loss, batch, scale, subtract_ggn)
+    flat, unravel, product = probe_product(params, static, loss, batch, subtract_ggn)
     size = flat.size
     # Statistics in at least float32, whatever the parameters' precision.
     stat_dtype = jnp.promote_types(flat.dtype, jnp.float32)

@@ -79,8 +79,9 @@ def run_sample_kernel(
     progress: int = 0,
     mesh=None,
 ) -> PyTree:
-    """`scale * sum_n d_n` (or, with `keep_samples`, every `scale * d_n` on a new
-    leading axis) for a sample-wise `kernel`, in chunks of `chunk` samples.
+    """`scale * sum_n d_n` (or, with `keep_samples`, every `scale_n * d_n` on a new
+    leading axis, `scale` a number or one per sample) for a sample-wise `kernel`, in
+    chunks of `chunk` samples.
 
     `batch` is a PyTree of arrays sharing the leading sample axis. Memory holds one
     chunk's pieces at a time (plus, with `keep_samples`, the stacked result).
@@ -110,5 +111,10 @@ def run_sample_kernel(
         progress=progress,
         label=f"{kernel.label}: chunks of samples",
     )
-    totals = jax.tree.map(lambda leaf: scale * leaf, totals)
+    scale = jnp.asarray(scale)  # a number, or with `keep_samples` one per sample
+
+    def scaled(leaf):
+        return jnp.reshape(scale, scale.shape + (1,) * (leaf.ndim - scale.ndim)) * leaf
+
+    totals = jax.tree.map(scaled, totals)
     return cast_like(kernel.assemble(params, static, totals), params)

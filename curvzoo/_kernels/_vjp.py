@@ -22,8 +22,9 @@ class VJPKernel(AbstractSampleKernel):
     """`sum_n sum_k w_k (J_n^T c_k)^2` for a curvzoo `loss` and any model.
 
     Cost: per sample one forward pass (through `loss.predict` on a batch of one, so a
-    loss that overrides `predict` is respected) and `K` vector-Jacobian products,
-    `jax.vmap`ped. Memory: per sample in a chunk, the `K` parameter-sized gradients.
+    loss that overrides `predict` is respected; with the sample's length, if any) and
+    `K` vector-Jacobian products, `jax.vmap`ped. Memory: per sample in a chunk, the `K`
+    parameter-sized gradients.
     """
 
     quantity: str = eqx.field(static=True)
@@ -31,13 +32,14 @@ class VJPKernel(AbstractSampleKernel):
 
     def pieces(self, params, static, loss, sample):
         x, y = sample[0], sample[1]
+        length = sample[2] if len(sample) > 2 else None  # a batch with lengths
 
         def predict(p):
-            one = jax.tree.map(lambda leaf: leaf[None], x)
-            return loss.predict(eqx.combine(p, static), one)[0]
+            one = jax.tree.map(lambda leaf: leaf[None], (x, length))
+            return loss.predictions(eqx.combine(p, static), *one)[0]
 
         prediction, vjp = jax.vjp(predict, params)
-        cols, weights = output_factor(self.quantity, loss, prediction, y)
+        cols, weights = output_factor(self.quantity, loss, prediction, y, length)
         grads = jax.vmap(lambda c: vjp(c)[0])(cols)
         return jax.tree.map(lambda g: jnp.tensordot(weights, g**2, axes=1), grads)
 

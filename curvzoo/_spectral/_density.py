@@ -87,7 +87,6 @@ def slq_kernel(
     static: PyTree,
     loss,
     batch: PyTree,
-    scale: float | None,
     probes: Array,
     operator: str,
     num_matvecs: int,
@@ -97,7 +96,7 @@ def slq_kernel(
     the probes, `probes[:, 0]` the Rademacher start vectors and `probes[:, 1]` spares
     for fresh vectors; the probes run `jax.vmap`ped in chunks sized from
     `memory_budget`."""
-    flat, _, product = flat_product(operator, params, static, loss, batch, scale)
+    flat, _, product = flat_product(operator, params, static, loss, batch)
     dtype = probes.dtype
     floor_unit = jnp.finfo(dtype).eps ** FLOOR_POWER
 
@@ -224,7 +223,7 @@ def spectral_density(
     dtype = work_dtype(problem.params)
     probes = random_vectors(key, 2 * num_probes, problem.size, dtype, "rademacher")
     nodes, weights, mean, mean_stderr = slq_kernel(
-        problem.params, problem.static, problem.loss, problem.batch, problem.scale,
+        problem.params, problem.static, problem.loss, problem.batch,
         probes.reshape(num_probes, 2, problem.size), operator, int(num_matvecs),
         problem.memory_budget,
     )  # fmt: skip

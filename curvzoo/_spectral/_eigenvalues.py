@@ -120,7 +120,6 @@ def lanczos_kernel(
     static: PyTree,
     loss,
     batch: PyTree,
-    scale: float | None,
     start_vectors: Array,
     operator: str,
     k: int,
@@ -145,7 +144,7 @@ def lanczos_kernel(
     (an index into `_WHICH`), `tol`, `atol` and `max_matvecs` are arrays, so new
     values do not recompile.
     """
-    flat, unravel, product = flat_product(operator, params, static, loss, batch, scale)
+    flat, unravel, product = flat_product(operator, params, static, loss, batch)
     dtype = start_vectors.dtype
     length = flat.size
     rows = krylov_size
@@ -382,7 +381,7 @@ def hessian_eigenvalues(
     keep = min(krylov_size - 1, k + (krylov_size - k) // 2)
     start_vectors = random_vectors(key, 2, size, work_dtype(problem.params), "normal")
     values, vectors, residuals, products, converged = lanczos_kernel(
-        problem.params, problem.static, problem.loss, problem.batch, problem.scale, start_vectors,
+        problem.params, problem.static, problem.loss, problem.batch, start_vectors,
         operator, int(k), jnp.asarray(_WHICH.index(which)), int(krylov_size), int(keep),
         jnp.asarray(tol), jnp.asarray(atol), jnp.asarray(max_matvecs),
     )  # fmt: skip

@@ -16,11 +16,11 @@ from typing import Any, no_type_check
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 from jaxtyping import PyTree
 
+from .._kernels._generic import ggn_vector_product
 from ._setup import prepare, require
 
 
@@ -31,19 +31,8 @@ def _loss_of(loss: Callable, static: PyTree, batch: PyTree) -> Callable:
     return loss_of_params
 
 
-def _output_hessian(loss, scale: float, targets, predictions) -> Callable:
-    """`u -> H_out u`: the Hessian of `scale * sum_n per_sample(prediction_n, y_n)` in
-    the predictions, block-diagonal over samples, by forward-over-reverse."""
-
-    def outer_loss(prediction):
-        return scale * jnp.sum(jax.vmap(loss.per_sample)(prediction, targets))
-
-    _, product = jax.linearize(jax.grad(outer_loss), predictions)
-    return product
-
-
 def flat_product(
-    operator: str, params: PyTree, static: PyTree, loss, batch: PyTree, scale: float | None
+    operator: str, params: PyTree, static: PyTree, loss, batch: PyTree
 ) -> tuple[jax.Array, Callable, Callable]:
     """For use inside a compiled kernel: `(flat, unravel, product)`, with `flat` the
     raveled trained parameters (length `P`) and `product` the linear map
@@ -54,25 +43,13 @@ def flat_product(
     prediction, and the transposed Jacobian: about two gradients)."""
     flat, unravel = ravel_pytree(params)
 
-    def params_loss(vector):
-        return loss(eqx.combine(unravel(vector), static), batch)
+    def model_of(vector):
+        return eqx.combine(unravel(vector), static)
 
     if operator == "hessian":
-        _, product = jax.linearize(jax.grad(params_loss), flat)
+        _, product = jax.linearize(jax.grad(lambda vector: loss(model_of(vector), batch)), flat)
         return flat, unravel, product
-    inputs, targets = batch
-
-    def predict(vector):
-        return loss.predict(eqx.combine(unravel(vector), static), inputs)
-
-    predictions, jvp = jax.linearize(predict, flat)
-    vjp = jax.linear_transpose(jvp, flat)
-    out_product = _output_hessian(loss, scale, targets, predictions)
-
-    def product(vector):
-        return vjp(out_product(jvp(vector)))[0]
-
-    return flat, unravel, product
+    return flat, unravel, ggn_vector_product(loss, model_of, batch, flat)
 
 
 @eqx.filter_jit
@@ -82,15 +59,8 @@ def _hessian_mv(params: PyTree, static: PyTree, loss, batch: PyTree, vector: PyT
 
 
 @eqx.filter_jit
-def _ggn_mv(params, static, loss, batch, scale: float, vector: PyTree) -> PyTree:
-    inputs, targets = batch
-
-    def predict(p):
-        return loss.predict(eqx.combine(p, static), inputs)
-
-    predictions, jvp = jax.linearize(predict, params)
-    out_product = _output_hessian(loss, scale, targets, predictions)
-    return jax.linear_transpose(jvp, params)(out_product(jvp(vector)))[0]
+def _ggn_mv(params, static, loss, batch, vector: PyTree) -> PyTree:
+    return ggn_vector_product(loss, lambda p: eqx.combine(p, static), batch, params)(vector)
 
 
 class HessianProduct(eqx.Module):
@@ -113,10 +83,9 @@ class GGNProduct(eqx.Module):
     static: PyTree
     loss: Any
     batch: PyTree
-    scale: float = eqx.field(static=True)
 
     def __call__(self, vector: PyTree) -> PyTree:
-        return _ggn_mv(self.params, self.static, self.loss, self.batch, self.scale, vector)
+        return _ggn_mv(self.params, self.static, self.loss, self.batch, vector)
 
 
 def _operator(kind: str, model, loss, batch, filter_spec, check_finite, mesh):
@@ -132,9 +101,7 @@ def _operator(kind: str, model, loss, batch, filter_spec, check_finite, mesh):
             HessianProduct(*args), structure, lx.symmetric_tag, closure_convert=False
         )
     tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
-    return lx.FunctionLinearOperator(
-        GGNProduct(*args, problem.scale), structure, tags, closure_convert=False
-    )
+    return lx.FunctionLinearOperator(GGNProduct(*args), structure, tags, closure_convert=False)
 
 
 # Arguments are checked with errors that name them, so the test-time runtime type

@@ -165,7 +165,6 @@ class Problem(NamedTuple):
     params: PyTree  # the trained leaves; `None` elsewhere
     static: PyTree
     batch: PyTree  # split over `mesh` when one is given
-    scale: float | None  # the loss's reduction factor, for the GGN
     size: int  # `P`, the number of trained parameters
     memory_budget: int
 
@@ -194,13 +193,10 @@ def prepare(
     model = replicate(model, mesh)
     params, static = split_trainable(model, filter_spec)
     loss = fresh(loss, model, batch)
-    prediction_shape = _check_loss_output(loss, model, batch)
+    _check_loss_output(loss, model, batch)
     if check_finite:
         check_finite_inputs(model, batch)
-    scale = None
-    if operator == "ggn":
-        scale = float(loss.scale(prediction_shape[0], prediction_shape[1:]))
     batch = _place_batch(batch, mesh, size)
     count = sum(int(np.prod(jnp.shape(leaf))) for leaf in jax.tree.leaves(params))
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-    return Problem(model, loss, params, static, batch, scale, count, budget)
+    return Problem(model, loss, params, static, batch, count, budget)

@@ -78,7 +78,6 @@ def hutchpp_kernel(
     static: PyTree,
     loss,
     batch: PyTree,
-    scale: float | None,
     sketch: Array,
     probes: Array,
     operator: str,
@@ -89,7 +88,7 @@ def hutchpp_kernel(
 
     Memory: the sketch, its basis and the probes with their products, plus the
     products' working set per chunk, sized from `memory_budget`."""
-    flat, _, product = flat_product(operator, params, static, loss, batch, scale)
+    flat, _, product = flat_product(operator, params, static, loss, batch)
     dtype = probes.dtype
 
     def apply(vector):
@@ -211,7 +210,7 @@ def hessian_trace(
         key, sketch_size + num_probes, problem.size, work_dtype(problem.params), "rademacher"
     )
     estimate, stderr = hutchpp_kernel(
-        problem.params, problem.static, problem.loss, problem.batch, problem.scale,
+        problem.params, problem.static, problem.loss, problem.batch,
         vectors[:sketch_size], vectors[sketch_size:], operator, problem.memory_budget,
     )  # fmt: skip
     if check_finite:
