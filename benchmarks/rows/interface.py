@@ -191,8 +191,10 @@ def format_result(result: dict, verdict: str) -> str:
         lines = ["freshness: a callable loss traced at every call (medians, interleaved)"]
         for m in result["models"]:
             lines.append(
-                f"  {m['model']:<10} P = {m['params']:>7}: curvzoo loss {m['module_s'] * 1e3:7.3f} ms,"
-                f" fresh lambda {m['lambda_s'] * 1e3:7.3f} ms, tracing {m['tracing_s'] * 1e3:6.3f} ms"
+                f"  {m['model']:<10} P = {m['params']:>7}: "
+                f"curvzoo loss {m['module_s'] * 1e3:7.3f} ms, "
+                f"fresh lambda {m['lambda_s'] * 1e3:7.3f} ms, "
+                f"tracing {m['tracing_s'] * 1e3:6.3f} ms"
             )
         lines.append(
             f"  RSS after 50 fresh lambdas {result['rss_after_50_bytes'] / 2**20:.0f} MiB, "
