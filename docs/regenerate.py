@@ -12,7 +12,7 @@ quoted output instead of repeating its numbers.
 Run from the repository root, with the recipes' extra installed:
 
     python docs/regenerate.py            # every recipe (a few minutes on 2 cores)
-    python docs/regenerate.py laplace    # one or more by name
+    python docs/regenerate.py laplace    # one or more by marker name
 """
 
 import argparse
@@ -22,17 +22,32 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = ROOT / "docs" / "pages"
-# recipe -> (page, whether it draws a figure named after it)
+
+
+class Run(NamedTuple):
+    """One run of a recipe whose output a page quotes."""
+
+    script: str  # recipes/<script>.py
+    args: tuple[str, ...]  # its command-line arguments (besides `--out`)
+    page: str  # under docs/pages/
+    figure: str | None  # the figure it draws, `<figure>.png` in `--out`
+
+
+# marker name -> run: every recipe at least once, with its defaults
 RECIPES = {
-    "rnn_curvature": ("recipes/rnn_curvature.md", True),
-    "obd_pruning": ("recipes/obd_pruning.md", True),
-    "diagonal_newton": ("recipes/diagonal_newton.md", True),
-    "laplace": ("recipes/laplace.md", True),
-    "quickstart": ("recipes/quickstart.md", False),
+    "rnn_curvature": Run("rnn_curvature", (), "recipes/rnn_curvature.md", "rnn_curvature"),
+    "rnn_curvature_lm": Run(
+        "rnn_curvature", ("--task", "lm"), "recipes/rnn_curvature.md", "rnn_curvature_lm"
+    ),
+    "obd_pruning": Run("obd_pruning", (), "recipes/obd_pruning.md", "obd_pruning"),
+    "diagonal_newton": Run("diagonal_newton", (), "recipes/diagonal_newton.md", "diagonal_newton"),
+    "laplace": Run("laplace", (), "recipes/laplace.md", "laplace"),
+    "quickstart": Run("quickstart", (), "recipes/quickstart.md", None),
 }
 MARKER = re.compile(
     r"(<!-- recipe-output: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /recipe-output -->)", re.S
@@ -51,22 +66,21 @@ def quote(page: pathlib.Path, name: str, output: str) -> str:
 
 
 def regenerate(name: str) -> None:
-    page, has_figure = RECIPES[name]
+    run = RECIPES[name]
     with tempfile.TemporaryDirectory() as directory:
-        command = [sys.executable, str(ROOT / "recipes" / f"{name}.py")]
-        if has_figure:
+        command = [sys.executable, str(ROOT / "recipes" / f"{run.script}.py"), *run.args]
+        if run.figure is not None:
             command += ["--out", directory]
-        print(f"running {name} ...", file=sys.stderr, flush=True)
+        print(f"running {' '.join(command[1:])} ...", file=sys.stderr, flush=True)
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
             sys.stderr.write(done.stderr)
             raise SystemExit(f"recipe {name} failed")
-        if has_figure:
-            shutil.copy(pathlib.Path(directory) / f"{name}.png", PAGES / "figures" / f"{name}.png")
-    output = "\n".join(
-        line for line in done.stdout.splitlines() if not line.startswith("wrote ")
-    )
-    path = PAGES / page
+        if run.figure is not None:
+            figure = pathlib.Path(directory) / f"{run.figure}.png"
+            shutil.copy(figure, PAGES / "figures" / f"{run.figure}.png")
+    output = "\n".join(line for line in done.stdout.splitlines() if not line.startswith("wrote "))
+    path = PAGES / run.page
     path.write_text(quote(path, name, output))
 
 

@@ -102,7 +102,9 @@ def main(quick: bool = False, seed: int = 0, batch_size: int = 64):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller models")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smaller models (CI)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the models and the data (default: 0)"
+    )
     args = parser.parse_args()
     main(quick=args.quick, seed=args.seed)

@@ -3,6 +3,8 @@
 import importlib.util
 import pathlib
 
+import numpy as np
+
 
 RECIPES = pathlib.Path(__file__).parent.parent / "recipes"
 
@@ -45,6 +47,35 @@ def test_rnn_curvature(capsys, tmp_path):
     ]
     assert max(gates) > 10 * min(gates)
     assert final["eval_loss"] < saved["checkpoints"][0]["eval_loss"]
+    # Sharpness: converged Lanczos, the top eigenvalue within the trace; the curvature
+    # per step of every sequence, and the report on the marked steps.
+    for record in saved["checkpoints"]:
+        for which in ("hessian", "ggn"):
+            top = record["sharpness"][which]
+            assert top["residual"] <= 1e-3 * abs(top["eigenvalue"])
+        assert 0 < record["sharpness"]["ggn"]["eigenvalue"] <= record["ggn_trace"]
+    assert np.shape(saved["time_steps_per_sequence"]) == (128, 10)
+    assert "Sharpness and trace over training" in out
+    assert "the step of largest curvature is a marked step in" in out
+
+
+def test_rnn_curvature_language_model(capsys, tmp_path):
+    """The character model in quick mode: two layers, the embedding among the groups,
+    lengths respected (no curvature at padded steps)."""
+    import json
+
+    result = _load("rnn_curvature").main(quick=True, out=str(tmp_path), task="lm")
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "rnn_curvature_lm.json").read_text())
+    assert (tmp_path / "rnn_curvature_lm.png").stat().st_size > 10_000
+    assert len(result["checkpoints"]) == 4
+    groups = saved["checkpoints"][-1]["hessian"]["groups"]
+    assert "embedding" in groups and "recurrent.new.layer2" in groups
+    assert len(saved["checkpoints"][-1]["time_steps"]) == 2  # one curve per layer
+    rows = saved["time_steps_per_sequence"]
+    assert any(None in row for row in rows) and all(row[0] is not None for row in rows)
+    assert saved["checkpoints"][-1]["eval_loss"] < saved["checkpoints"][0]["eval_loss"]
+    assert "Median |diag GGN| per group" in out
 
 
 def test_obd_pruning(capsys, tmp_path):
