@@ -1,6 +1,6 @@
 """Plain-text tables of the rows' results, one layout per family of rows."""
 
-from .rows import family, interface, kernels, memory, recurrent
+from .rows import family, interface, kernels, memory, recurrent, spectral
 
 
 def verdict(result: dict) -> str:
@@ -27,6 +27,7 @@ def format_results(results: list[dict]) -> str:
     blocks += [format_gemm(r) for r in by_row(("gemm",))]
     blocks += [interface.format_result(r, verdict(r)) for r in by_row(interface.ROWS)]
     blocks += [recurrent.format_result(r, verdict(r)) for r in by_row(recurrent.ROWS)]
+    blocks += [spectral.format_result(r, verdict(r)) for r in by_row(spectral.ROWS)]
     return "\n\n".join(blocks)
 
 

@@ -22,34 +22,35 @@ def build(row: str, seed: int, *, steps: int = 16, hidden: int = 64, batch_size:
     - `gru`, `lstm`, `elman`: the zoo RNN with that cell, input 8, `hidden` units,
       readout of the last state, `steps` steps, batch 32.
 
-    `batch_size` overrides the batch (the first `batch_size` samples of the same draw
-    where it is smaller, so a prefix of the full batch).
+    `batch_size` overrides the batch: the first `batch_size` samples of the same draw
+    where it is smaller (a prefix of the full batch), a larger draw where it is larger.
     """
     import curvzoo as cz
 
     key_model, key_x, key_y = jr.split(jr.key(seed), 3)
     if row in RECURRENT:
         model = cz.RNN(RECURRENT_INPUT, hidden, CLASSES, cell=row, key=key_model)
-        shape = (RECURRENT_BATCH, steps, RECURRENT_INPUT)
+        sample = (steps, RECURRENT_INPUT)
         full = RECURRENT_BATCH
     else:
         full = BATCH
         if row == "mlp2":
             model = cz.MLP(784, CLASSES, 256, 2, activation=jax.nn.tanh, key=key_model)
-            shape = (BATCH, 784)
+            sample = (784,)
         elif row == "mlp4":
             model = cz.MLP(784, CLASSES, 256, 4, activation=jax.nn.tanh, key=key_model)
-            shape = (BATCH, 784)
+            sample = (784,)
         elif row == "cnn":
             model = cz.CNN(1, CLASSES, 28, channels=(8, 16), kernel_size=3, key=key_model)
-            shape = (BATCH, 1, 28, 28)
+            sample = (1, 28, 28)
         elif row == "small":
             model = cz.MLP(64, CLASSES, 64, 2, activation=jax.nn.tanh, key=key_model)
-            shape = (BATCH, 64)
+            sample = (64,)
         else:
             raise ValueError(f"unknown model row {row!r}; models are {FEED_FORWARD + RECURRENT}")
-    inputs = jr.normal(key_x, shape, dtype="float32")
-    labels = jr.randint(key_y, (full,), 0, CLASSES)
+    size = full if batch_size is None else max(full, batch_size)
+    inputs = jr.normal(key_x, (size, *sample), dtype="float32")
+    labels = jr.randint(key_y, (size,), 0, CLASSES)
     if batch_size is not None:
         inputs, labels = inputs[:batch_size], labels[:batch_size]
     return model, (inputs, labels)
@@ -87,7 +88,6 @@ def fitted_regression(row: str, seed: int, *, steps: int = 50):
     **Returns:** `(model, (inputs, targets), final_loss)`.
     """
     import curvzoo as cz
-    import optax
 
     model, (inputs, _) = build(row, seed)
     teacher, _ = build(row, seed + 1)
@@ -95,6 +95,15 @@ def fitted_regression(row: str, seed: int, *, steps: int = 50):
     targets = targets + 0.1 * jr.normal(jr.key(seed + 2), targets.shape, dtype=targets.dtype)
     batch = (inputs, targets)
     loss = cz.losses.mse
+    model = adam_steps(model, loss, batch, steps)
+    return model, batch, float(loss(model, batch))
+
+
+def adam_steps(model, loss, batch, steps: int):
+    """`model` after `steps` full-batch Adam steps (learning rate 1e-3) on
+    `loss(model, batch)`."""
+    import optax
+
     optimiser = optax.adam(1e-3)
     state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
 
@@ -106,4 +115,4 @@ def fitted_regression(row: str, seed: int, *, steps: int = 50):
 
     for _ in range(steps):
         model, state = step(model, state)
-    return model, batch, float(loss(model, batch))
+    return model

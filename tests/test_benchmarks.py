@@ -1,6 +1,7 @@
 """The benchmark package (outside the wheel): its command line, one cheap row, the
-plain-JAX Hessian-vector products it extrapolates from, and the A/B plumbing that
-decides which tree a worker imports `curvzoo` from. No timing is asserted."""
+plain-JAX Hessian-vector products it extrapolates from, the power iteration the
+spectral row compares with, and the A/B plumbing that decides which tree a worker
+imports `curvzoo` from. No timing is asserted."""
 
 import os
 import pathlib
@@ -16,7 +17,7 @@ from benchmarks import cli, rows
 from benchmarks.formatting import format_ab, format_results
 from benchmarks.hvp import hvp_diagonal_prefix, kernel_chunk
 from benchmarks.options import Options
-from benchmarks.rows import scaling
+from benchmarks.rows import scaling, spectral
 from benchmarks.trees import (
     baseline_worktree,
     check_tree,
@@ -108,6 +109,30 @@ def test_hvp_prefix_is_the_hessian_diagonal():
         assert chunk == (count if budget > 1 else 1)
         assert jnp.allclose(run(), exact[:count], rtol=1e-12, atol=1e-14)
     assert kernel_chunk(model, loss, batch) == flat.size == 26
+
+
+def test_power_iteration_finds_the_top_eigenvalue():
+    """The spectral row's power iteration reaches the eigenvalue largest in magnitude
+    to its residual; PyHessian's rule stops sooner, short of it."""
+    key_model, key_x, key_y = jr.split(jr.key(0), 3)
+    model = cz.MLP(3, 2, 4, 1, activation=jax.nn.tanh, key=key_model)
+    batch = (jr.normal(key_x, (5, 3)), jr.randint(key_y, (5,), 0, 2))
+    loss = cz.losses.cross_entropy
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    flat, unravel = ravel_pytree(params)
+    hessian = jax.hessian(lambda u: loss(eqx.combine(unravel(u), static), batch))(flat)
+    eigenvalues = jnp.linalg.eigvalsh(hessian)
+    top = eigenvalues[jnp.argmax(jnp.abs(eigenvalues))]
+    value, steps, relative = spectral.power_iteration(
+        model, loss, batch, jr.key(1), 1e-6, 4000, False
+    )
+    assert relative <= 1e-6 and steps < 4000
+    assert jnp.allclose(value, top, rtol=1e-6)
+    value, early, relative = spectral.power_iteration(
+        model, loss, batch, jr.key(1), 1e-6, 4000, True
+    )
+    assert early < steps and relative > 1e-6
+    assert jnp.allclose(value, top, rtol=1e-3)
 
 
 def test_scaling_reduces_work_only_past_the_cap():

@@ -2,10 +2,32 @@
 `measure(row, options)` (run in a worker process) and `headline(result)` (the figures an
 A/B run compares)."""
 
-from . import family, gemm, interface, kernels, memory, overhead, ratios, recurrent, scaling
+from . import (
+    family,
+    gemm,
+    interface,
+    kernels,
+    memory,
+    overhead,
+    ratios,
+    recurrent,
+    scaling,
+    spectral,
+)
 
 
-_MODULES = (kernels, scaling, family, memory, overhead, ratios, gemm, interface, recurrent)
+_MODULES = (
+    kernels,
+    scaling,
+    family,
+    memory,
+    overhead,
+    ratios,
+    gemm,
+    interface,
+    recurrent,
+    spectral,
+)
 ROWS = tuple(row for module in _MODULES for row in module.ROWS)
 
 
