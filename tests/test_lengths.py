@@ -1,9 +1,10 @@
 """Every curvature function on batches `(inputs, targets, lengths)`, against the same
 sequences cut to their lengths, one at a time, with dense `jax.hessian` / `jax.jacfwd`
 matrices: a reference that never sees a mask or a length. Both reductions; readouts
-`"all"` (the mean over valid steps) and `"last"`; every kernel that can take the batch
-(recurrent, generic, vector-Jacobian products, Hutchinson with and without the control
-variate, the spectral operators)."""
+`"all"` (the mean over valid steps) and `"last"`; the recurrent kernel, vector-Jacobian
+products (the GGN and the empirical Fisher), Hutchinson with the control variate and
+the spectral operators (the generic kernel, which differentiates the loss as written:
+tests/test_rnn_kernel.py)."""
 
 import curvzoo as cz
 import equinox as eqx
@@ -49,6 +50,7 @@ def _cut(batch, n):
     return xs[n : n + 1, :length], y
 
 
+@eqx.filter_jit
 def _dense(model, loss, pair, quantity):
     """The dense Hessian or GGN of `loss` (reduction "sum") on a pair batch."""
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -59,7 +61,7 @@ def _dense(model, loss, pair, quantity):
         return jax.vmap(eqx.combine(unravel(vector), static))(xs)
 
     if quantity == "hessian":
-        return np.asarray(jax.hessian(lambda v: loss(eqx.combine(unravel(v), static), pair))(flat))
+        return jax.hessian(lambda v: loss(eqx.combine(unravel(v), static), pair))(flat)
     prediction = predict(flat)
     jac = jax.jacfwd(predict)(flat).reshape(-1, flat.size)
 
@@ -67,7 +69,7 @@ def _dense(model, loss, pair, quantity):
         return jnp.sum(jax.vmap(loss.per_sample)(z.reshape(prediction.shape), ys))
 
     hess = jax.hessian(total)(prediction.reshape(-1))
-    return np.asarray(jac.T @ hess @ jac)
+    return jac.T @ hess @ jac
 
 
 def _weights(readout, loss_name, reduction, per_sample):
@@ -81,15 +83,17 @@ def _weights(readout, loss_name, reduction, per_sample):
     return 1.0 / (np.sum(steps) * per_step)
 
 
-def reference(model, batch, case, quantity, per_sample=False):
-    """`(dense matrix, or one per sample with per_sample)` from the cut sequences."""
+def references(model, batch, case, quantity):
+    """`(dense matrix of the batch, [dense matrix of each sample alone])` from the cut
+    sequences."""
     _, _, readout, loss_name, reduction, _ = case
     loss = LOSSES[loss_name](reduction="sum")
-    pieces = [_dense(model, loss, _cut(batch, n), quantity) for n in range(len(LENGTHS))]
-    weights = _weights(readout, loss_name, reduction, per_sample)
-    if per_sample:
-        return [w * p for w, p in zip(weights, pieces)]
-    return weights * sum(pieces)
+    pieces = [
+        np.asarray(_dense(model, loss, _cut(batch, n), quantity)) for n in range(len(LENGTHS))
+    ]
+    total = _weights(readout, loss_name, reduction, False) * sum(pieces)
+    weights = _weights(readout, loss_name, reduction, True)
+    return total, [w * p for w, p in zip(weights, pieces)]
 
 
 def unravel_like(model, vector):
@@ -103,25 +107,28 @@ def case(request):
 
 
 def test_diagonals(case, getkey):
-    """The Hessian (recurrent and generic kernels), the GGN (recurrent kernel and
-    vector-Jacobian products) and the empirical Fisher, for the batch and per sample."""
+    """The Hessian (recurrent kernel) and the GGN (recurrent kernel and vector-Jacobian
+    products), for the batch and per sample."""
     cell, layers, readout, loss_name, reduction, tokens = case
     model, batch = make(cell, layers, readout, loss_name, tokens, getkey())
     loss = LOSSES[loss_name](reduction=reduction)
-    hessian, ggn = reference(model, batch, case, "hessian"), reference(model, batch, case, "ggn")
-    for method in ("structured", "generic"):
-        got = cz.hessian_diagonal(model, loss, batch, method=method)
-        assert_diagonal_close(got, unravel_like(model, np.diag(hessian)))
+    (hessian, hessian_rows), (ggn, ggn_rows) = (
+        references(model, batch, case, quantity) for quantity in ("hessian", "ggn")
+    )
+    # The generic Hessian kernel differentiates the loss as written: tests/test_rnn_kernel.py.
+    got = cz.hessian_diagonal(model, loss, batch, method="structured")
+    assert_diagonal_close(got, unravel_like(model, np.diag(hessian)))
+    for method in ("structured", "generic"):  # the recurrent kernel, and VJPs
         got = cz.ggn_diagonal(model, loss, batch, method=method)
         assert_diagonal_close(got, unravel_like(model, np.diag(ggn)))
-    rows = cz.hessian_diagonal(model, loss, batch, per_sample=True, method="structured")
-    for n, expected in enumerate(reference(model, batch, case, "hessian", per_sample=True)):
-        row = jax.tree.map(lambda leaf: leaf[n], rows)
-        assert_diagonal_close(row, unravel_like(model, np.diag(expected)))
-    rows = cz.ggn_diagonal(model, loss, batch, per_sample=True)
-    for n, expected in enumerate(reference(model, batch, case, "ggn", per_sample=True)):
-        row = jax.tree.map(lambda leaf: leaf[n], rows)
-        assert_diagonal_close(row, unravel_like(model, np.diag(expected)))
+    for function, expected_rows in (
+        (cz.hessian_diagonal, hessian_rows),
+        (cz.ggn_diagonal, ggn_rows),
+    ):
+        rows = function(model, loss, batch, per_sample=True)
+        for n, expected in enumerate(expected_rows):
+            row = jax.tree.map(lambda leaf, n=n: leaf[n], rows)
+            assert_diagonal_close(row, unravel_like(model, np.diag(expected)))
 
 
 def test_empirical_fisher(case, getkey):
@@ -152,7 +159,7 @@ def test_hutchinson_and_the_spectral_operators(case, getkey):
     cell, layers, readout, loss_name, reduction, tokens = case
     model, batch = make(cell, layers, readout, loss_name, tokens, getkey())
     loss = LOSSES[loss_name](reduction=reduction)
-    hessian, ggn = reference(model, batch, case, "hessian"), reference(model, batch, case, "ggn")
+    hessian, ggn = (references(model, batch, case, q)[0] for q in ("hessian", "ggn"))
     flat = ravel_pytree(eqx.filter(model, eqx.is_inexact_array))[0]
     key, probes_count = getkey(), 4
     keys = jr.split(key, probes_count)
@@ -173,8 +180,7 @@ def test_hutchinson_and_the_spectral_operators(case, getkey):
 def test_padding_never_counts(getkey):
     """Whatever the inputs and targets hold at padded steps, every function returns the
     same numbers (the Fisher with the same key draws the same targets)."""
-    case = CASES[0]
-    model, batch = make(*case[:4], case[5], getkey())
+    model, batch = make("gru", 1, "all", "ce", True, getkey())
     xs, ys, lengths = batch
     padded = jnp.arange(STEPS)[None, :] >= lengths[:, None]
     other = (jnp.where(padded, 3, xs), jnp.where(padded, 2, ys), lengths)

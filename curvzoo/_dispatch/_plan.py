@@ -200,16 +200,21 @@ class Plan:
 
 
 def duration(seconds: float) -> str:
-    """A duration for people: `3.2 ms`, `14 s`, `2.5 h`."""
+    """A duration for people: `3.2 ms`, `980 ms`, `14 s`, `2.5 h`."""
     if seconds < 1e-3:
         return f"{seconds * 1e6:.0f} us"
     if seconds < 1:
-        return f"{seconds * 1e3:.2g} ms"
+        return f"{_digits(seconds * 1e3)} ms"
     if seconds < 120:
-        return f"{seconds:.2g} s"
+        return f"{_digits(seconds)} s"
     if seconds < 7200:
-        return f"{seconds / 60:.2g} min"
-    return f"{seconds / 3600:.2g} h"
+        return f"{_digits(seconds / 60)} min"
+    return f"{_digits(seconds / 3600)} h"
+
+
+def _digits(value: float) -> str:
+    """At least two significant digits, never in exponent form: `3.2`, `14`, `980`."""
+    return f"{value:.2g}" if value < 10 else f"{value:.0f}"
 
 
 def _mebibytes(size: int) -> str:
