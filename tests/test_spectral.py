@@ -16,6 +16,7 @@ import jax.random as jr
 import lineax as lx
 import numpy as np
 import pytest
+from curvzoo._spectral._lanczos import orthogonalise
 from jax.flatten_util import ravel_pytree
 
 from .helpers import count_compilations, make_batch, tree_allclose
@@ -157,6 +158,34 @@ def test_ggn_of_a_recurrent_network(getkey):
     batch = make_batch(model, "ce", getkey())
     result = cz.hessian_eigenvalues(model, CE, batch, key=getkey(), k=K, operator="ggn", tol=TOL)
     _check_pairs(result, dense_ggn(model, CE, batch), "largest")
+
+
+def test_orthogonalise_takes_a_second_pass_where_the_first_cancels():
+    """A vector all but 1e-10 of it in the span of the basis (stored as the solver
+    stores it: orthonormal rows, the unused rows zero). The remainder is orthogonal to
+    the basis to rounding (one classical Gram-Schmidt pass leaves ~1e-6 of it along the
+    basis; two leave ~1e-16), and the coefficients are those of the vector along the
+    rows, against numpy."""
+    rng = np.random.default_rng(0)
+    size, used, rows = 40, 12, 16
+    Q = np.linalg.qr(rng.normal(size=(size, used)))[0].T  # (used, size), orthonormal rows
+    basis = np.zeros((rows, size))
+    basis[:used] = Q
+    w = rng.normal(size=size)
+    w -= Q.T @ (Q @ w)
+    w /= np.linalg.norm(w)
+    coefficients = rng.normal(size=used)
+    vector = Q.T @ coefficients + 1e-10 * w
+
+    remainder, column = orthogonalise(jnp.asarray(basis), jnp.asarray(vector))
+    remainder, column = np.asarray(remainder), np.asarray(column)
+
+    assert remainder.dtype == np.float64
+    norm = np.linalg.norm(remainder)
+    np.testing.assert_allclose(norm, 1e-10, rtol=1e-4)  # the vector's own rounding
+    assert np.max(np.abs(Q @ remainder)) <= 1e-12 * norm, np.max(np.abs(Q @ remainder)) / norm
+    np.testing.assert_allclose(column[:used], Q @ vector, rtol=0, atol=1e-14)
+    np.testing.assert_array_equal(column[used:], 0.0)
 
 
 def test_one_leaf_gives_its_diagonal_block(getkey):
