@@ -47,7 +47,8 @@ def ggn_diagonal(
     - `loss`: a curvzoo loss (`curvzoo.losses.*` or an `AbstractLoss` subclass); the
         GGN needs its split into a prediction and a per-sample loss, which a plain
         callable does not expose.
-    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`.
+    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`,
+        or a triple `(inputs, targets, lengths)` for sequences of different lengths.
     - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
         `check_finite`, `mesh`, `progress`: as for [`curvzoo.hessian_diagonal`][].
     - `method`: `"auto"` (default) or `"structured"` take the layered structured kernel
@@ -69,7 +70,11 @@ def ggn_diagonal(
     structured route for `MLP` and `CNN` pulls the same `C` columns down the layers as
     matrix products and contracts each dense layer with its squared inputs in one matrix
     product over the batch, never forming a per-sample gradient of a dense layer (a
-    convolution takes `C` per-sample weight gradients).
+    convolution takes `C` per-sample weight gradients). For the zoo `RNN` the recurrent
+    kernel without its node Hessians (about `L^2 T^2 n^3 / 2` multiply-adds per sample)
+    competes with the vector-Jacobian products, and the plan takes the cheaper: the
+    recurrent kernel for many outputs at every step (a language model), the products
+    for a few outputs on the last state.
 
     **Example:**
 
@@ -117,7 +122,8 @@ def empirical_fisher_diagonal(
     - `model`: any Equinox module that maps one example to one prediction. It is not
         modified.
     - `loss`: a curvzoo loss (`curvzoo.losses.*` or an `AbstractLoss` subclass).
-    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`.
+    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`,
+        or a triple `(inputs, targets, lengths)` for sequences of different lengths.
     - `filter_spec`, `chunk_size` (samples per chunk), `memory_budget`,
         `check_finite`, `mesh`, `progress`: as for [`curvzoo.hessian_diagonal`][].
     - `method`: as for [`curvzoo.ggn_diagonal`][].
@@ -182,8 +188,8 @@ def fisher_diagonal(
         modified.
     - `loss`: a curvzoo loss with a `sample_targets` method (all of
         `curvzoo.losses.*`).
-    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`;
-        the targets are checked like everywhere else but not used.
+    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis `N`
+        (or a triple with lengths); the targets are checked like everywhere else but not used.
     - `key`: a JAX PRNG key (keyword-only, required). The same key gives the same
         result.
     - `num_samples`: targets drawn per sample (default 1).

@@ -34,10 +34,12 @@ def hessian_diagonal(
 
     - `model`: any Equinox module (a zoo model or your own). It is not modified.
     - `loss`: a curvzoo loss such as `curvzoo.losses.cross_entropy`, or any callable
-        `loss(model, batch) -> scalar`. Pass the same callable object each time so that
-        the compiled kernel is reused.
+        `loss(model, batch) -> scalar`, traced at every call (what it closes over is
+        read as it stands then; a fresh lambda computing the same thing reuses the
+        compiled kernel).
     - `batch`: a PyTree of arrays sharing a leading batch axis `N`; for curvzoo losses a
-        pair `(inputs, targets)`.
+        pair `(inputs, targets)`, or a triple `(inputs, targets, lengths)` for sequences
+        of different lengths (`curvzoo.losses`).
     - `filter_spec`: which leaves are trained, as in `equinox.partition`: a callable on
         leaves (default `equinox.is_inexact_array`) or a PyTree of bools that is a prefix
         of `model`. Only floating-point arrays are differentiated.

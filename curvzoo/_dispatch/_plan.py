@@ -192,8 +192,8 @@ class Plan:
             f"  cost     {self.multiply_adds:.3g} multiply-adds and {self.element_ops:.3g} "
             f"other operations: about {duration(self.seconds)} on this machine",
             f"  chunks   {self.num_chunks:,} of {self.chunk:,} {self.lanes}; about "
-            f"{_mebibytes(self.memory_bytes)} of working memory "
-            f"(budget {_mebibytes(self.memory_budget)})",
+            f"{_mebibytes(self.memory_bytes)} of working memory, the chunks sized to a "
+            f"{_mebibytes(self.memory_budget)} budget",
             ")",
         ]
         return "\n".join(lines)

@@ -171,7 +171,8 @@ def spectral_density(
     - `loss`: a curvzoo loss or any callable `loss(model, batch) -> scalar`; with
         `operator="ggn"` a curvzoo loss.
     - `batch`: a PyTree of arrays sharing a leading batch axis; for curvzoo losses a
-        pair `(inputs, targets)`.
+        pair `(inputs, targets)`, or a triple `(inputs, targets, lengths)` for sequences
+        of different lengths (`curvzoo.losses`).
     - `key`: a JAX PRNG key (keyword-only, required). The same key gives the same
         result.
     - `num_probes`: how many probes to average (default 1, as PyHessian; more give a

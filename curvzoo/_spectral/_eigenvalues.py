@@ -281,7 +281,8 @@ def hessian_eigenvalues(
     - `loss`: a curvzoo loss or any callable `loss(model, batch) -> scalar`; with
         `operator="ggn"` a curvzoo loss.
     - `batch`: a PyTree of arrays sharing a leading batch axis; for curvzoo losses a
-        pair `(inputs, targets)`.
+        pair `(inputs, targets)`, or a triple `(inputs, targets, lengths)` for sequences
+        of different lengths (`curvzoo.losses`).
     - `key`: a JAX PRNG key (keyword-only, required) for the start vector (and for the
         fresh vectors after an invariant subspace). The same key gives the same result.
     - `k`: how many eigenpairs, from 1 to the number of trained parameters `P`.

@@ -132,7 +132,8 @@ def hessian_operator(
     - `model`: any Equinox module. It is not modified.
     - `loss`: a curvzoo loss or any callable `loss(model, batch) -> scalar`.
     - `batch`: a PyTree of arrays sharing a leading batch axis; for curvzoo losses a
-        pair `(inputs, targets)`.
+        pair `(inputs, targets)`, or a triple `(inputs, targets, lengths)` for sequences
+        of different lengths (`curvzoo.losses`).
     - `filter_spec`: which leaves are trained, as in [`curvzoo.hessian_diagonal`][];
         restricting it to one leaf gives that leaf's diagonal block of the Hessian.
     - `check_finite`: if `True` (default), raise a `ValueError` naming the leaf when
@@ -184,7 +185,8 @@ def ggn_operator(
     - `loss`: a curvzoo loss (`curvzoo.losses.*` or an `AbstractLoss` subclass that does
         not override `__call__`): the GGN needs its split into `loss.predict` and
         `loss.per_sample`, which a plain callable does not expose.
-    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis.
+    - `batch`: a pair `(inputs, targets)` whose leaves share a leading batch axis, or a
+        triple `(inputs, targets, lengths)` for sequences of different lengths.
     - `filter_spec`, `check_finite`, `mesh`: as for [`curvzoo.hessian_operator`][].
 
     **Returns:**

@@ -144,7 +144,8 @@ def hessian_trace(
     - `loss`: a curvzoo loss or any callable `loss(model, batch) -> scalar`; with
         `operator="ggn"` a curvzoo loss.
     - `batch`: a PyTree of arrays sharing a leading batch axis; for curvzoo losses a
-        pair `(inputs, targets)`.
+        pair `(inputs, targets)`, or a triple `(inputs, targets, lengths)` for sequences
+        of different lengths (`curvzoo.losses`).
     - `key`: a JAX PRNG key (keyword-only, required). The same key gives the same
         result.
     - `num_matvecs`: the products to spend (keyword-only, required): `sketch_size` on
