@@ -619,6 +619,8 @@ if __name__ == "__main__":
         "(default: rnn_curvature_output)",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"argument --steps: must be at least 1, got {args.steps}")
     main(
         cell=args.cell, quick=args.quick, seed=args.seed, out=args.out, num_steps=args.steps,
         task=args.task,
