@@ -396,7 +396,7 @@ def build_plan(request: Request) -> Plan:
         route = dataclasses.replace(route, ggn_chunk=ggn_chunk)
     work = cost.total()
     progress_every = 0
-    if options.progress:  # a report every quarter of a second of estimated run time
+    if options.progress:  # a report every `REPORT_INTERVAL` seconds of estimated run time
         per_chunk = estimated_seconds(work.work, route.name) / num_chunks
         progress_every = max(1, min(num_chunks, math.ceil(REPORT_INTERVAL / max(per_chunk, 1e-9))))
     return Plan(
