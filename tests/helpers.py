@@ -51,13 +51,23 @@ def split(model, filter_spec=eqx.is_inexact_array):
 
 
 @eqx.filter_jit
-def _hessian_diagonal(params, static, loss, batch):
+def _dense_hessian(params, static, loss, batch):
     flat_params, unravel = ravel_pytree(params)
 
     def f(vector):
         return loss(eqx.combine(unravel(vector), static), batch)
 
-    return unravel(jnp.diag(jax.hessian(f)(flat_params)))
+    return jax.hessian(f)(flat_params)
+
+
+def dense_hessian(model, loss, batch, filter_spec=eqx.is_inexact_array) -> np.ndarray:
+    """`jax.hessian` of the loss in the raveled trained parameters (`P x P`)."""
+    return np.asarray(_dense_hessian(*split(model, filter_spec), loss, batch))
+
+
+@eqx.filter_jit
+def _hessian_diagonal(params, static, loss, batch):
+    return ravel_pytree(params)[1](jnp.diag(_dense_hessian(params, static, loss, batch)))
 
 
 def reference_hessian_diagonal(model, loss, batch, filter_spec=eqx.is_inexact_array):
@@ -81,10 +91,11 @@ def reference_per_sample_hessian_diagonal(model, loss, batch, filter_spec=eqx.is
 
 
 @eqx.filter_jit
-def _ggn_pieces(params, static, loss, batch):
-    """Per sample, `diag(J_n^T H_n J_n)` with `J_n` built densely by `jax.jacfwd` and
-    `H_n` by `jax.hessian` of the per-sample loss; and the loss's factors `scale(N)`,
-    `scale(1)`."""
+def _ggn_factors(params, static, loss, batch):
+    """`(J, H, predictions)`: `J` `(N, C, P)` the Jacobian of each sample's prediction in
+    the raveled parameters by `jax.jacfwd`, `H` `(N, C, C)` the Hessian of the per-sample
+    loss in it by `jax.hessian`: independent of curvzoo's kernels and of the loss's
+    closed-form factors."""
     flat_params, unravel = ravel_pytree(params)
     inputs, targets = batch
 
@@ -101,10 +112,23 @@ def _ggn_pieces(params, static, loss, batch):
 
         return jax.hessian(per_sample)(prediction.reshape(-1))
 
-    hess = jax.vmap(output_hessian)(predictions, targets)
+    return jac, jax.vmap(output_hessian)(predictions, targets), predictions
+
+
+def _ggn_pieces(params, static, loss, batch):
+    """Per sample, `diag(J_n^T H_n J_n)`; and the loss's factors `scale(N)`, `scale(1)`."""
+    jac, hess, predictions = _ggn_factors(params, static, loss, batch)
     pieces = jnp.einsum("nip,nij,njp->np", jac, hess, jac)
-    shape = predictions.shape[1:]
+    num, shape = predictions.shape[0], predictions.shape[1:]
+    unravel = ravel_pytree(params)[1]
     return jax.vmap(unravel)(pieces), loss.scale(num, shape), loss.scale(1, shape)
+
+
+def dense_ggn(model, loss, batch, filter_spec=eqx.is_inexact_array) -> np.ndarray:
+    """`scale * sum_n J_n^T H_n J_n` (`P x P`), from the factors above."""
+    jac, hess, predictions = _ggn_factors(*split(model, filter_spec), loss, batch)
+    scale = loss.scale(predictions.shape[0], predictions.shape[1:])
+    return scale * np.einsum("nip,nij,njq->pq", *(np.asarray(a) for a in (jac, hess, jac)))
 
 
 def reference_ggn_diagonal(model, loss, batch, filter_spec=eqx.is_inexact_array):
@@ -136,38 +160,6 @@ def reference_squared_gradients(model, loss, batch, filter_spec=eqx.is_inexact_a
 
 
 @eqx.filter_jit
-def _dense_hessian(params, static, loss, batch):
-    flat_params, unravel = ravel_pytree(params)
-
-    def f(vector):
-        return loss(eqx.combine(unravel(vector), static), batch)
-
-    return jax.hessian(f)(flat_params)
-
-
-@eqx.filter_jit
-def _dense_ggn(params, static, loss, batch, scale):
-    flat_params, unravel = ravel_pytree(params)
-    inputs, targets = batch
-
-    def predict(vector):
-        return jax.vmap(eqx.combine(unravel(vector), static))(inputs)
-
-    predictions = predict(flat_params)
-    num = predictions.shape[0]
-    jac = jax.jacfwd(predict)(flat_params).reshape(num, -1, flat_params.size)
-
-    def output_hessian(prediction, target):
-        def per_sample(z):
-            return loss.per_sample(z.reshape(prediction.shape), target)
-
-        return jax.hessian(per_sample)(prediction.reshape(-1))
-
-    hess = jax.vmap(output_hessian)(predictions, targets)
-    return scale * jnp.einsum("nip,nij,njq->pq", jac, hess, jac)
-
-
-@eqx.filter_jit
 def _rademacher_probes(key, num_probes: int, size: int, dtype):
     keys = jr.split(key, num_probes)
     return jax.vmap(lambda k: jr.rademacher(k, (size,), dtype=dtype))(keys)
@@ -185,12 +177,10 @@ def reference_hutchinson(
     Returns `(estimate, stderr)`, each shaped like the trained parameters."""
     params, static = split(model, filter_spec)
     flat_params, unravel = ravel_pytree(params)
-    matrix = np.asarray(_dense_hessian(params, static, loss, batch))
+    matrix = dense_hessian(model, loss, batch, filter_spec)
     ggn = None
     if control_variate == "ggn":
-        num = jax.tree.leaves(batch)[0].shape[0]
-        shape = jax.eval_shape(jax.vmap(model), batch[0]).shape[1:]
-        ggn = np.asarray(_dense_ggn(params, static, loss, batch, loss.scale(num, shape)))
+        ggn = dense_ggn(model, loss, batch, filter_spec)
         matrix = matrix - ggn
     probes = np.asarray(_rademacher_probes(key, num_probes, flat_params.size, flat_params.dtype))
     samples = probes * (probes @ matrix)
@@ -331,3 +321,26 @@ def count_compilations():
         yield count
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def run_on_four_cpu_devices(script: str) -> str:
+    """Run `script` in a fresh Python with four CPU devices (a device count is fixed when
+    JAX starts, so it takes its own process); assert it succeeds; return its output."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=pathlib.Path(__file__).parent.parent,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout

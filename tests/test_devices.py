@@ -1,10 +1,7 @@
 """Several devices: the same diagonals on one and on four (CPU) devices, checked in a
 subprocess that asks XLA for four host devices."""
 
-import os
-import pathlib
-import subprocess
-import sys
+from .helpers import run_on_four_cpu_devices
 
 
 SCRIPT = r"""
@@ -76,16 +73,4 @@ print("devices ok")
 
 
 def test_one_and_four_devices_agree():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    env["JAX_PLATFORMS"] = "cpu"
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=pathlib.Path(__file__).parent.parent,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "devices ok" in done.stdout
+    assert "devices ok" in run_on_four_cpu_devices(SCRIPT)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from .helpers import assert_diagonal_close
+from .helpers import assert_diagonal_close, dense_ggn, dense_hessian
 
 
 STEPS = 5
@@ -50,28 +50,6 @@ def _cut(batch, n):
     return xs[n : n + 1, :length], y
 
 
-@eqx.filter_jit
-def _dense(model, loss, pair, quantity):
-    """The dense Hessian or GGN of `loss` (reduction "sum") on a pair batch."""
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    flat, unravel = ravel_pytree(params)
-    xs, ys = pair
-
-    def predict(vector):
-        return jax.vmap(eqx.combine(unravel(vector), static))(xs)
-
-    if quantity == "hessian":
-        return jax.hessian(lambda v: loss(eqx.combine(unravel(v), static), pair))(flat)
-    prediction = predict(flat)
-    jac = jax.jacfwd(predict)(flat).reshape(-1, flat.size)
-
-    def total(z):
-        return jnp.sum(jax.vmap(loss.per_sample)(z.reshape(prediction.shape), ys))
-
-    hess = jax.hessian(total)(prediction.reshape(-1))
-    return jac.T @ hess @ jac
-
-
 def _weights(readout, loss_name, reduction, per_sample):
     """The reduction's factor for the sum of the cut sequences' losses (or for each)."""
     if reduction == "sum":
@@ -88,9 +66,8 @@ def references(model, batch, case, quantity):
     sequences."""
     _, _, readout, loss_name, reduction, _ = case
     loss = LOSSES[loss_name](reduction="sum")
-    pieces = [
-        np.asarray(_dense(model, loss, _cut(batch, n), quantity)) for n in range(len(LENGTHS))
-    ]
+    dense = dense_hessian if quantity == "hessian" else dense_ggn
+    pieces = [dense(model, loss, _cut(batch, n)) for n in range(len(LENGTHS))]
     total = _weights(readout, loss_name, reduction, False) * sum(pieces)
     weights = _weights(readout, loss_name, reduction, True)
     return total, [w * p for w, p in zip(weights, pieces)]

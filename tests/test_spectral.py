@@ -3,9 +3,6 @@ eigenpairs (Lanczos), their trace (Hutch++) and spectral density (stochastic Lan
 quadrature), in float64 against `numpy.linalg.eigh` of the full matrices built with
 `jax.hessian` and `jax.jacfwd` on tiny zoo models."""
 
-import os
-import pathlib
-import subprocess
 import sys
 
 import curvzoo as cz
@@ -19,7 +16,14 @@ import pytest
 from curvzoo._spectral._lanczos import orthogonalise
 from jax.flatten_util import ravel_pytree
 
-from .helpers import count_compilations, make_batch, tree_allclose
+from .helpers import (
+    count_compilations,
+    dense_ggn,
+    dense_hessian,
+    make_batch,
+    run_on_four_cpu_devices,
+    tree_allclose,
+)
 
 
 CE = cz.losses.cross_entropy
@@ -31,57 +35,6 @@ MODELS = {
 # One `k` everywhere: the compiled loop depends on it, not on `which` or `tol`.
 K = 3
 TOL = 1e-12
-
-
-def _split(model, filter_spec=eqx.is_inexact_array):
-    params, static = eqx.partition(model, filter_spec)
-    params, rest = eqx.partition(params, eqx.is_inexact_array)
-    return params, eqx.combine(static, rest)
-
-
-@eqx.filter_jit
-def _hessian(params, static, loss, batch):
-    flat, unravel = ravel_pytree(params)
-
-    def f(vector):
-        return loss(eqx.combine(unravel(vector), static), batch)
-
-    return jax.hessian(f)(flat)
-
-
-def dense_hessian(model, loss, batch, filter_spec=eqx.is_inexact_array):
-    """`jax.hessian` of the loss in the raveled trained parameters (compiled once per
-    shapes, as the tests reuse them)."""
-    return np.asarray(_hessian(*_split(model, filter_spec), loss, batch))
-
-
-@eqx.filter_jit
-def _ggn(params, static, loss, batch):
-    flat, unravel = ravel_pytree(params)
-    inputs, targets = batch
-
-    def predict(vector):
-        return jax.vmap(eqx.combine(unravel(vector), static))(inputs)
-
-    predictions = predict(flat)
-    num = predictions.shape[0]
-    jac = jax.jacfwd(predict)(flat).reshape(num, -1, flat.size)
-
-    def output_hessian(prediction, target):
-        def per_sample(z):
-            return loss.per_sample(z.reshape(prediction.shape), target)
-
-        return jax.hessian(per_sample)(prediction.reshape(-1))
-
-    hess = jax.vmap(output_hessian)(predictions, targets)
-    ggn = jnp.einsum("nip,nij,njq->pq", jac, hess, jac)
-    return loss.scale(num, predictions.shape[1:]) * ggn
-
-
-def dense_ggn(model, loss, batch):
-    """`scale * sum_n J_n^T H_n J_n` with `J` from `jax.jacfwd` and `H_n` from
-    `jax.hessian` of `per_sample`: independent of curvzoo's products."""
-    return np.asarray(_ggn(*_split(model), loss, batch))
 
 
 def _rows(eigenvectors):
@@ -643,16 +596,4 @@ print("devices ok")
 
 
 def test_one_and_four_devices_agree():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    env["JAX_PLATFORMS"] = "cpu"
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=pathlib.Path(__file__).parent.parent,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "devices ok" in done.stdout
+    assert "devices ok" in run_on_four_cpu_devices(SCRIPT)
