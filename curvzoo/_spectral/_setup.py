@@ -92,18 +92,14 @@ def require_per_sample_form(loss: Any, operator: str) -> None:
             break
 
 
-def _check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> tuple | None:
+def _check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> None:
     """As for the other functions (`curvzoo._dispatch._plan.check_loss_output`), and a
-    curvzoo loss's target values too, where they are concrete.
-
-    **Returns:** for a curvzoo loss the shape of the batch of predictions, else `None`.
-    """
+    curvzoo loss's target values too, where they are concrete."""
     prediction_shape = check_loss_output(loss, model, batch, None)
     if isinstance(loss, AbstractLoss):
         targets = split_batch(batch)[1]
         if not isinstance(targets, jax.core.Tracer):
             loss.check_values(prediction_shape, np.asarray(targets))
-    return prediction_shape
 
 
 def _place_batch(batch: PyTree, mesh: Mesh | None, size: int) -> PyTree:
