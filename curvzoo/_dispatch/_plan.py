@@ -452,10 +452,10 @@ def all_finite(tree) -> jax.Array:
     return jnp.isfinite(sum(sums)) if sums else jnp.asarray(True)
 
 
-def runner(request: Request, plan: Plan) -> Callable:
+def runner(request: Request, plan: Plan, *, flags: bool) -> Callable:
     """The traced function that runs `plan` on one call's arrays: `run(model_arrays,
     batch_arrays, loss_arrays, args_arrays, key) -> (result, finite | None)`, with
-    `finite` whether every entry of the result is finite (with `check_finite`),
+    `finite` whether every entry of the result is finite (with `flags`, else `None`),
     to be `jax.jit`-compiled once per plan."""
     route, options = plan.route, request.options
 
@@ -469,8 +469,6 @@ def runner(request: Request, plan: Plan) -> Callable:
             plan.prediction_shape, options, plan.progress_every,
         )  # fmt: skip
         result = route.run(ctx, plan.chunk)
-        if not options.check_finite:
-            return result, None
-        return result, all_finite(result)
+        return result, (all_finite(result) if flags else None)
 
     return run

@@ -42,6 +42,16 @@ class Layout:
     static: tuple
     avals: tuple  # (shape, dtype, weak_type) per array, in order
 
+    def __hash__(self) -> int:
+        # Computed once: a call hashes its layouts several times (plan, mask and batch
+        # caches). Raises `TypeError` when a static leaf is unhashable.
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            value = hash((self.treedef, self.static, self.avals))
+            object.__setattr__(self, "_hash", value)
+            return value
+
     def rebuild(self, arrays) -> PyTree:
         arrays = iter(arrays)
         leaves = [next(arrays) if leaf is _ARRAY else leaf for leaf in self.static]
