@@ -397,6 +397,35 @@ class AbstractStepwiseLoss(AbstractLoss):
         """
 
 
+def _softmax_factor(probs: Float[Array, "*steps classes"]) -> Array:
+    """A factor of the softmax cross-entropy's Hessian with the fewest columns:
+    `diag(p) - p p^T = A A^T` with `A` of shape `(..., C - 1, C)` (columns stacked on
+    the second-to-last axis), one column fewer than the obvious `sqrt(p_k) (e_k - p)`.
+
+    With `q = sqrt(p)` (a unit vector), `diag(p) - p p^T = D (I - q q^T) D` for
+    `D = diag(q)`. The Householder reflection `R = I - v v^T / (1 + q_m)`, `v = q + e_m`,
+    `m` the largest entry of `q` (so that `1 + q_m` is at least `1 + 1 / sqrt(C)`), maps
+    `q` to `-e_m`; its other `C - 1` columns are an orthonormal basis of the complement
+    of `q`, so `I - q q^T` is the sum of their outer products and `A`'s columns are
+    `D r_j`, `j != m`. Every kernel pushes one column fewer through the network: 10%
+    less of its largest term for 10 classes, half for 2.
+    """
+    num_classes = probs.shape[-1]
+    eye = jnp.eye(num_classes, dtype=probs.dtype)
+    root = jnp.sqrt(probs)
+    if num_classes == 1:  # a constant loss: one zero column keeps every shape non-empty
+        return root[..., None, :] * (eye - probs[..., None, :])
+    largest = jnp.argmax(root, axis=-1)
+    v = root + jax.nn.one_hot(largest, num_classes, dtype=probs.dtype)
+    scale = 1 + jnp.max(root, axis=-1)
+    reflection = eye - v[..., :, None] * v[..., None, :] / scale[..., None, None]
+    # every row but row `largest` (the reflection is symmetric: rows are columns)
+    index = jnp.arange(num_classes - 1)
+    keep = index + (index >= largest[..., None])
+    rows = jnp.take_along_axis(reflection, keep[..., :, None], axis=-2)
+    return rows * root[..., None, :]
+
+
 class CrossEntropy(AbstractStepwiseLoss):
     """Softmax cross-entropy on logits with integer class labels.
 
@@ -442,25 +471,24 @@ class CrossEntropy(AbstractStepwiseLoss):
         return math.prod(prediction_shape[:-1])
 
     def output_hessian_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
-        """Per step, `diag(p) - p p^T = A A^T` with columns `A[:, k] = sqrt(p_k) (e_k - p)`
-        (using `sum(p) = 1`); steps are independent, so the factor is block-diagonal."""
+        """Per step, `diag(p) - p p^T = A A^T` with the `C - 1` columns of
+        `_softmax_factor`; steps are independent, so the factor is block-diagonal."""
+        del target
         num_classes = prediction.shape[-1]
         probs = jax.nn.softmax(prediction.reshape(-1, num_classes), axis=-1)
         steps = probs.shape[0]
-        eye = jnp.eye(num_classes, dtype=probs.dtype)
-        # block[t, k, :] = sqrt(p[t, k]) * (e_k - p[t])
-        block = jnp.sqrt(probs)[:, :, None] * (eye[None] - probs[:, None, :])
+        block = _softmax_factor(probs)  # (T, K, C)
+        rank = block.shape[1]
         # columns[(t, k), s, :] = [s == t] * block[t, k, :]
         columns = jnp.einsum("ts,tkc->tksc", jnp.eye(steps, dtype=probs.dtype), block)
-        columns = columns.reshape(steps * num_classes, *prediction.shape)
-        return columns, jnp.ones(steps * num_classes, probs.dtype)
+        columns = columns.reshape(steps * rank, *prediction.shape)
+        return columns, jnp.ones(steps * rank, probs.dtype)
 
     def output_hessian_step_factor(self, prediction: Array, target: Array) -> tuple[Array, Array]:
         del target
         probs = jax.nn.softmax(prediction, axis=-1)
-        eye = jnp.eye(prediction.shape[-1], dtype=probs.dtype)
-        columns = jnp.sqrt(probs)[:, :, None] * (eye[None] - probs[:, None, :])
-        return columns, jnp.ones(probs.shape, probs.dtype)
+        columns = _softmax_factor(probs)
+        return columns, jnp.ones(columns.shape[:-1], probs.dtype)
 
     def sample_targets(
         self, key: Array, prediction: Float[Array, "*steps classes"]

@@ -75,3 +75,40 @@ def test_losses_are_jittable_and_hashable():
     assert hash(cz.losses.CrossEntropy()) == hash(cz.losses.cross_entropy)
     assert cz.losses.CrossEntropy() == cz.losses.cross_entropy
     assert cz.losses.MSE(reduction="sum") != cz.losses.mse
+
+
+def _targets(loss, shape, getkey):
+    if isinstance(loss, cz.losses.CrossEntropy):
+        return jr.randint(getkey(), shape[:-1], 0, shape[-1])
+    if isinstance(loss, cz.losses.BCEWithLogits):
+        return jr.uniform(getkey(), shape)
+    return jr.normal(getkey(), shape)
+
+
+LOSSES = [cz.losses.cross_entropy, cz.losses.mse, cz.losses.binary_cross_entropy_with_logits]
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda loss: type(loss).__name__)
+@pytest.mark.parametrize("shape", [(1,), (2,), (10,), (3, 10), (4, 2)])
+def test_output_hessian_factors_rebuild_the_hessian(loss, shape, getkey):
+    """`sum_k w_k c_k c_k^T` is `jax.hessian(per_sample)`, for the whole prediction and
+    per step; cross-entropy's factor has `C - 1` columns per step (its rank)."""
+    prediction = 4 * jr.normal(getkey(), shape)
+    target = _targets(loss, shape, getkey)
+    size = prediction.size
+    reference = jax.hessian(lambda z: loss.per_sample(z.reshape(shape), target))(
+        prediction.reshape(-1)
+    )
+    cols, weights = loss.output_hessian_factor(prediction, target)
+    flat = cols.reshape(cols.shape[0], size)
+    assert jnp.allclose(jnp.einsum("k,ki,kj->ij", weights, flat, flat), reference, atol=1e-14)
+    if isinstance(loss, cz.losses.CrossEntropy) and shape[-1] > 1:
+        steps = size // shape[-1]
+        assert cols.shape[0] == steps * (shape[-1] - 1)
+    if len(shape) == 2:  # per step: the diagonal blocks of the reference
+        step_cols, step_weights = loss.output_hessian_step_factor(prediction, target)
+        blocks = jnp.einsum("tk,tki,tkj->tij", step_weights, step_cols, step_cols)
+        classes = shape[-1]
+        for t in range(shape[0]):
+            block = reference[t * classes : (t + 1) * classes, t * classes : (t + 1) * classes]
+            assert jnp.allclose(blocks[t], block, atol=1e-14)
