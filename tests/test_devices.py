@@ -55,6 +55,16 @@ sharded = jax.device_put(x, NamedSharding(four, PartitionSpec("data")))
 assert sharded.sharding.mesh == four
 again = ravel_pytree(cz.ggn_diagonal(model, ce, (sharded, y), mesh=four))[0]
 np.testing.assert_allclose(again, ravel_pytree(cz.ggn_diagonal(model, ce, (x, y)))[0], rtol=1e-11)
+# With a mesh the finiteness of the result is a flag computed in the compiled program.
+mlp, xm = models["mlp"], jr.normal(jr.key(3), shapes["mlp"])
+def overflowing(model, batch):
+    return jnp.exp(1e4 * jnp.sum(jax.vmap(model)(batch[0]) ** 2))
+try:
+    cz.hessian_diagonal(mlp, overflowing, (xm,), mesh=four)
+except ValueError as error:
+    assert "the curvature came out non-finite" in str(error)
+else:
+    raise AssertionError("no error for a non-finite result on a mesh")
 # A batch that four devices cannot split evenly is refused, naming the arguments.
 try:
     cz.ggn_diagonal(model, ce, (x[:6], y[:6]), mesh=four)

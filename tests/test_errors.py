@@ -345,6 +345,22 @@ def test_non_finite_targets_and_results(setup, getkey):
         cz.hessian_diagonal(model, overflowing, (x,), check_finite="no")
 
 
+def test_large_finite_results_are_not_called_non_finite(getkey):
+    """The result's check squares entries (a sum of squares is finite only if every
+    entry is); a float32 diagonal of about 1e20, whose squares overflow, is finite and
+    must be returned, not refused."""
+    model = cz.MLP(3, 2, 4, 1, key=getkey(), dtype=jnp.float32)
+
+    def steep(model, batch):
+        del batch
+        return 1e20 * sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
+
+    diagonal = cz.hessian_diagonal(model, steep, (jnp.zeros((2, 3), jnp.float32),))
+    for leaf in jax.tree.leaves(diagonal):
+        assert leaf.dtype == jnp.float32
+        np.testing.assert_allclose(leaf, 2e20, rtol=1e-6)
+
+
 @pytest.mark.parametrize("function", list(_FUNCTIONS))
 def test_shared_bad_input_on_every_function(setup, function):
     """The checks every function shares, each naming its argument."""

@@ -62,10 +62,10 @@ def hessian_diagonal(
         per-sample ones (`reduction="mean"`) or their sum (`"sum"`).
     - `check_finite`: if `True` (default), raise a `ValueError` naming the leaf when
         `model` or `batch` holds NaN or inf, or when the result does (the loss or its
-        derivatives overflow). The flags are computed with the kernel, in the same
-        compiled program (one pass over the arrays, a few bytes to the host), and read
-        after it; under an outer `jax.jit` the values are not known and nothing is
-        checked.
+        derivatives overflow). Input arrays once found finite are remembered; the
+        result is read once, by NumPy in host memory on the CPU backend, or as one flag
+        computed in the compiled program elsewhere. Under an outer `jax.jit` the values
+        are not known and nothing is checked.
     - `mesh`: a `jax.sharding.Mesh` to run on several devices. The model is
         replicated. Kernels that work sample by sample (structured, GGN family,
         per-sample) split the batch along its leading axis over all of the mesh's

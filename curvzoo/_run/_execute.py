@@ -265,23 +265,25 @@ def _check_inputs_finite(arrays: list, trees: dict) -> None:
 
 
 def _host_finite(result) -> bool:
-    """Whether every floating-point entry of a concrete `result` is finite, read in host
-    memory (nothing can be read of a traced one). Each leaf's sum of squares (one BLAS
-    dot product, about twice as fast as `isfinite`) is finite only if every entry is
-    (an infinity squares to `inf`, which no other square can cancel); only where it is
-    not, because of NaN, inf or an overflow, are the entries themselves read."""
+    """`False` where a concrete `result` may hold NaN or inf, read in host memory
+    (nothing can be read of a traced one). Each leaf's sum of squares, one BLAS dot
+    product (about twice as fast as `isfinite`), is finite only if every entry is: an
+    infinity squares to `inf`, which no other square can cancel. It can also overflow
+    for large finite entries; `raise_non_finite` then reads the entries themselves and
+    raises only for a real NaN or inf."""
     for leaf in jax.tree.leaves(result):
         if not _is_concrete(leaf):
             return True
         if not np.issubdtype(leaf.dtype, np.inexact):
             continue
         flat = np.asarray(leaf).reshape(-1)
-        if flat.dtype in (np.float32, np.float64):  # BLAS types
-            with np.errstate(over="ignore", invalid="ignore"):
-                if np.isfinite(np.dot(flat, flat)):
-                    continue
-        if not np.isfinite(flat).all():
-            return False
+        if flat.dtype not in (np.float32, np.float64):  # not a BLAS type
+            if not np.isfinite(flat).all():
+                return False
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not np.isfinite(np.dot(flat, flat)):
+                return False
     return True
 
 
