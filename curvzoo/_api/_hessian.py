@@ -63,9 +63,9 @@ def hessian_diagonal(
     - `check_finite`: if `True` (default), raise a `ValueError` naming the leaf when
         `model` or `batch` holds NaN or inf, or when the result does (the loss or its
         derivatives overflow). Input arrays once found finite are remembered; the
-        result is read once, by NumPy in host memory on the CPU backend, or as one flag
-        computed in the compiled program elsewhere. Under an outer `jax.jit` the values
-        are not known and nothing is checked.
+        result's flag is computed with it, in the same compiled program (one pass over
+        it, one boolean to the host). Under an outer `jax.jit` the values are not
+        known and nothing is checked.
     - `mesh`: a `jax.sharding.Mesh` to run on several devices. The model is
         replicated. Kernels that work sample by sample (structured, GGN family,
         per-sample) split the batch along its leading axis over all of the mesh's

@@ -15,7 +15,6 @@ program, and a changed captured value gives a new, correct one.
 """
 
 import dataclasses
-from collections.abc import Hashable
 from typing import Any
 
 import equinox as eqx
@@ -33,6 +32,19 @@ def _aval_key(leaf) -> tuple:
     return (tuple(leaf.shape), np.dtype(leaf.dtype), bool(getattr(leaf, "weak_type", False)))
 
 
+def cached_hash(self) -> int:
+    """A frozen dataclass's hash, computed from its fields once (assign it as the
+    class's `__hash__`, which `dataclasses` then keeps): a call hashes its layouts and
+    its request several times (plan, mask and batch caches). Raises `TypeError` when a
+    field is unhashable, as the generated hash would."""
+    try:
+        return self.__dict__["_hash"]
+    except KeyError:
+        value = hash(tuple(getattr(self, field.name) for field in dataclasses.fields(self)))
+        object.__setattr__(self, "_hash", value)
+        return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How to rebuild a PyTree from its arrays: the structure and the static leaves
@@ -42,15 +54,7 @@ class Layout:
     static: tuple
     avals: tuple  # (shape, dtype, weak_type) per array, in order
 
-    def __hash__(self) -> int:
-        # Computed once: a call hashes its layouts several times (plan, mask and batch
-        # caches). Raises `TypeError` when a static leaf is unhashable.
-        try:
-            return self.__dict__["_hash"]
-        except KeyError:
-            value = hash((self.treedef, self.static, self.avals))
-            object.__setattr__(self, "_hash", value)
-            return value
+    __hash__ = cached_hash
 
     def rebuild(self, arrays) -> PyTree:
         arrays = iter(arrays)
@@ -105,14 +109,6 @@ def flatten(tree: PyTree) -> tuple[list, Layout]:
         else:
             static.append(leaf)
     return arrays, Layout(treedef, tuple(static), tuple(avals))
-
-
-def hashable(key: Hashable) -> bool:
-    try:
-        hash(key)
-    except TypeError:
-        return False
-    return True
 
 
 # ## Freshness: callables that are not Equinox modules are traced at every call

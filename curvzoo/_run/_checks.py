@@ -182,10 +182,10 @@ def check_key(key: Any) -> None:
 def raise_non_finite(trees: dict[str, PyTree], *, results: tuple[str, ...] = ()) -> None:
     """Raise a `ValueError` naming the first leaf, by its path, that holds NaN or inf.
 
-    Called once a quick check (the compiled program's flag, or the result's sums of
-    squares on the host) has shown a possible failure (never under a trace), to find
-    and name it; it reads every leaf, and returns without raising when none holds NaN
-    or inf (a sum of squares that overflowed on large finite entries). `trees` maps a name (`"model"`,
+    Called once a quick check (`all_finite`, a sum of squares per leaf) has shown a
+    possible failure (never under a trace), to find and name it; it reads every leaf,
+    and returns without raising when none holds NaN or inf (a sum of squares that
+    overflowed on large finite entries). `trees` maps a name (`"model"`,
     `"batch"`, `"diagonal"`) to a PyTree of concrete arrays. Inputs are reported first;
     for the trees named in `results` the message says that the inputs were finite and
     the curvature itself overflowed.
