@@ -56,6 +56,11 @@ from ._ops import Elementwise, Linear, ParamLayer
 from ._samples import AbstractSampleKernel, trained_mask
 
 
+def _along_first(w: Array, like: Array) -> Array:
+    """`w` (`(K,)`) shaped to broadcast along the leading axis of `like`."""
+    return w.reshape(w.shape + (1,) * (like.ndim - 1))
+
+
 @dataclasses.dataclass
 class _State:
     """The Hessian of one sample's loss w.r.t. one intermediate (sites above it)."""
@@ -70,7 +75,9 @@ class _State:
     def diagonal(self) -> Array:
         total = 0.0
         for cols, w in self.cols:
-            total = total + jnp.tensordot(w, cols**2, axes=1)
+            # a weighted sum over the columns' axis (not `tensordot`, whose matrix
+            # product over the batch first copies the squares into a transposed layout)
+            total = total + jnp.sum(_along_first(w, cols) * cols**2, axis=0)
         for rows, scale, w in self.lazy:
             # `rows` is shared by all samples: one matrix product over the batch
             total = total + scale**2 * jnp.tensordot(w, rows**2, axes=1)

@@ -92,7 +92,10 @@ def run_sample_kernel(
         return kernel.pieces(params, static, loss, sample)
 
     def chunk_sum(samples, mask):
-        return kernel.contract(params, static, jax.vmap(per_sample)(samples), samples, mask)
+        # The scale rides on the mask (every contraction is linear in it), so it
+        # multiplies a chunk's per-sample pieces, not the parameter-sized result.
+        weights = mask * jnp.asarray(scale, mask.dtype)
+        return kernel.contract(params, static, jax.vmap(per_sample)(samples), samples, weights)
 
     def chunk_stack(samples, mask):
         # Each sample as a chunk of one: the same contraction, so no second code path.
@@ -111,10 +114,11 @@ def run_sample_kernel(
         progress=progress,
         label=f"{kernel.label}: chunks of samples",
     )
-    scale = jnp.asarray(scale)  # a number, or with `keep_samples` one per sample
+    if keep_samples:
+        per = jnp.asarray(scale)  # a number, or one per sample
 
-    def scaled(leaf):
-        return jnp.reshape(scale, scale.shape + (1,) * (leaf.ndim - scale.ndim)) * leaf
+        def scaled(leaf):
+            return jnp.reshape(per, per.shape + (1,) * (leaf.ndim - per.ndim)) * leaf
 
-    totals = jax.tree.map(scaled, totals)
+        totals = jax.tree.map(scaled, totals)
     return cast_like(kernel.assemble(params, static, totals), params)
