@@ -59,6 +59,22 @@ def test_the_plan_says_why_a_faster_kernel_does_not_apply():
     assert "exact GGN diagonal" in repr(hutch)
 
 
+@pytest.mark.parametrize("readout,classes", [("last", 2), ("all", 40)])
+def test_the_control_variate_takes_the_ggn_kernel_that_ggn_diagonal_takes(readout, classes):
+    """Hutchinson's exact GGN is chosen as `ggn_diagonal` chooses it: for a recurrent
+    model, the recurrent kernel only where its estimate beats the vector-Jacobian
+    products (many outputs at every step), not wherever it applies."""
+    model = cz.RNN(2, 3, classes, cell="gru", readout=readout, key=jax.random.key(1))
+    labels = jnp.asarray(RNG.integers(0, classes, size=(5, 4) if readout == "all" else 5))
+    batch = (XS, labels)
+    ggn = cz.plan(model, cz.losses.cross_entropy, batch, quantity="ggn")
+    assert ggn.kernel == ("vjp" if readout == "last" else "recurrent")
+    hutch = cz.plan(model, cz.losses.cross_entropy, batch, quantity="hutchinson",
+                    control_variate="ggn", num_probes=4)  # fmt: skip
+    label = {"vjp": "vector-Jacobian products", "recurrent": "recurrent kernel"}[ggn.kernel]
+    assert hutch.extra == f"the exact GGN diagonal ({label})"
+
+
 def test_the_plan_is_what_the_call_runs(monkeypatch):
     """The function builds its plan through the same path: the plan is built once per
     request, and a second call with the same shapes (new values) builds nothing."""

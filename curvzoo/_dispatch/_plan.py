@@ -316,14 +316,22 @@ def _choose(ctx: Context, model, trained_tree):
     )
     if quantity == "hutchinson":
         ggn = None
-        if ctx.options.control_variate == "ggn":
-            ggn, _ = _structured(ctx, model, "ggn", trained_tree)
-            ggn = ggn or SampleRoute(VJPKernel("ggn"), "vjp")
+        if ctx.options.control_variate == "ggn":  # the GGN diagonal as `ggn_diagonal` takes it
+            general = SampleRoute(VJPKernel("ggn"), "vjp")
+            ggn_ctx = dataclasses.replace(ctx, quantity="ggn")
+            ggn, _ = _pick(ggn_ctx, model, trained_tree, "ggn", general, "auto")
         return HutchinsonRoute(ggn), None
     if quantity == "hessian":
         general = GenericRoute(ctx.options.per_sample)
     else:
         general = SampleRoute(VJPKernel(kernel_quantity), "vjp")
+    return _pick(ctx, model, trained_tree, kernel_quantity, general, method)
+
+
+def _pick(ctx: Context, model, trained_tree, kernel_quantity: str, general, method: str):
+    """`(route, reason)` for `kernel_quantity`: the structured kernel where it applies
+    (for a recurrent one, where its estimated time is also below `general`'s), else the
+    `general` route; `method` forces either."""
     if method == "generic":
         return general, None
     route, reason = _structured(ctx, model, kernel_quantity, trained_tree)
