@@ -65,9 +65,10 @@ def ggn_diagonal(
 
     **Cost:** never `P` products. The generic route takes, per sample, one forward pass
     and one vector-Jacobian product per column of a square root of `H_n` (`C` columns for
-    `C` outputs: cross-entropy, MSE, BCE; `T C` for a per-step readout over `T` steps),
+    `C` outputs with MSE and BCE, `C - 1` with cross-entropy; `T` times as many for a
+    per-step readout over `T` steps),
     with that many parameter-sized gradients per sample of a chunk in memory. The
-    structured route for `MLP` and `CNN` pulls the same `C` columns down the layers as
+    structured route for `MLP` and `CNN` pulls the same columns down the layers as
     matrix products and contracts each dense layer with its squared inputs in one matrix
     product over the batch, never forming a per-sample gradient of a dense layer (a
     convolution takes `C` per-sample weight gradients). For the zoo `RNN` the recurrent

@@ -92,15 +92,16 @@ def hessian_diagonal(
     **Cost:** the generic kernel (any Equinox module, any loss) takes one
     Hessian-vector product per trained parameter, `P` in all, batched in chunks; never a
     `P x P` matrix. The structured kernel for zoo `MLP` and `CNN` with a curvzoo loss
-    backpropagates the loss Hessian's rank-`C` factor and the activations' diagonal
-    residuals layer by layer: about `C` extra backward passes for a two-hidden-layer
-    MLP, plus full Jacobian products for residuals two or more dense layers up. For the
-    zoo `RNN` (Elman, GRU, LSTM; either readout) it works with the same-unit blocks of
-    the Hessian with respect to per-step state perturbations, the state Jacobians and
-    the BPTT adjoints: about `T^2 H^3` work per sample for `T` steps and `H` units,
-    against `T H^4` for the generic kernel. With `per_sample=True` the structured
-    kernels cost the same and the generic kernel takes `P` products per sample, each
-    on one sample; the result holds `N P` numbers.
+    backpropagates the loss Hessian's factor (`C - 1` columns for cross-entropy over `C`
+    classes) and the activations' diagonal residuals layer by layer: about `C` extra
+    backward passes for a two-hidden-layer MLP, plus full Jacobian products for
+    residuals two or more dense layers up. For the zoo `RNN` (Elman, GRU, LSTM; either
+    readout) it works with the same-unit blocks of the Hessian with respect to per-step
+    state perturbations, the state Jacobians and the BPTT adjoints: about `T^2 H^3`
+    work per sample for `T` steps and `H` units, against `T H^4` for the generic
+    kernel. With `per_sample=True` the structured kernels cost the same and the generic
+    kernel takes `P` products per sample, each on one sample; the result holds `N P`
+    numbers.
 
     **Example:**
 

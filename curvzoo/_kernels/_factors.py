@@ -5,7 +5,8 @@ prediction's space (`J` the Jacobian of the prediction in the parameters), plus,
 the Hessian only, the residual terms of the network's own second derivatives:
 
 - `"hessian"` and `"ggn"`: the loss Hessian's factor `H_out = sum_k w_k c_k c_k^T`
-  (rank `C` for cross-entropy, diagonal for elementwise losses);
+  (`C - 1` columns for cross-entropy over `C` classes, its rank; diagonal for
+  elementwise losses);
 - `"gradients"`: the loss's gradients in the prediction at each of the targets stacked
   on the target's leading axis, with weights `1 / S`: one true target gives the
   empirical Fisher, `S` targets drawn from the model give the Monte-Carlo Fisher.

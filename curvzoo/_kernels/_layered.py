@@ -15,7 +15,8 @@ is kept as a *state*: a sum of weighted outer products of columns plus a diagona
 
     H_i = sum_cols w_c c c^T + sum_lazy w_k (M_k * s)(M_k * s)^T + diag(rdiag).
 
-At the output it is `H_out = sum_c w_c c c^T` (a loss's rank-`C` factor). Going down:
+At the output it is `H_out = sum_c w_c c c^T` (a loss's factor: `C` columns for `C`
+outputs, `C - 1` for cross-entropy). Going down:
 
 - an activation scales every column by `sigma'(z)`, and its residual joins the
   diagonal: `rdiag <- sigma'(z)^2 rdiag + sigma''(z) * dl/da`;
@@ -229,8 +230,9 @@ class LayeredKernel(AbstractSampleKernel):
     `"gradients"` the same without residuals, from that quantity's output columns
     (`_factors.py`).
 
-    Cost, per sample: a forward and a backward pass, the loss Hessian's `C` columns
-    pulled down through every layer (`C` extra backward passes, as matrix products),
+    Cost, per sample: a forward and a backward pass, the loss Hessian's `K` columns
+    (`C - 1` for cross-entropy over `C` classes, `C` for MSE and BCE) pulled down
+    through every layer (`K` extra backward passes, as matrix products),
     one matrix-vector product with `W * W` per activation for residuals one layer up,
     a full Jacobian product (`d^3` for width `d`) per residual two or more dense layers
     up, and for a convolution either `C` weight gradients (reverse) or one tangent per
