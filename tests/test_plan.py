@@ -114,3 +114,20 @@ def test_plan_checks_its_arguments_as_the_functions_do():
         cz.plan(MLP, cz.losses.mse, (X, T), quantity="hutchinson", control_variate="gn")
     with pytest.raises(ValueError, match="`filter_spec` leaves nothing to differentiate"):
         cz.plan(MLP, cz.losses.mse, (X, T), filter_spec=lambda leaf: False)
+
+
+def test_hutchinson_chunks_are_bounded_by_work_and_pad_little():
+    """A probe over a large batch is already matrix-sized work: the plan runs a few at a
+    time (about 5e8 operations a chunk), choosing the size that pads the fewest probes;
+    cheap probes still run together."""
+    model = cz.MLP(784, 10, 256, 2, key=jax.random.key(0), dtype=jnp.float32)
+    batch = (jnp.zeros((128, 784), jnp.float32), jnp.zeros(128, jnp.int32))
+    ce = cz.losses.cross_entropy
+    plain = cz.plan(model, ce, batch, quantity="hutchinson", num_probes=16)
+    per_probe = (plain.multiply_adds + plain.element_ops) / 16
+    assert 1e8 < per_probe < 1.7e8
+    assert (plain.chunk, plain.num_chunks) == (4, 4)
+    cv = cz.plan(model, ce, batch, quantity="hutchinson", num_probes=16, control_variate="ggn")
+    assert cv.chunk * cv.num_chunks == 16 and cv.chunk < 4  # no padded probe
+    cheap = cz.plan(MLP, ce, (X, Y), quantity="hutchinson", num_probes=16)
+    assert (cheap.chunk, cheap.num_chunks) == (16, 1)

@@ -60,7 +60,10 @@ def hutchinson_diagonal(
     - `filter_spec`, `memory_budget`, `check_finite`, `mesh`, `progress`: as for
         [`curvzoo.hessian_diagonal`][].
     - `chunk_size`: probes evaluated together with `jax.vmap`; `None` (default) picks
-        the largest chunk that fits `memory_budget`.
+        the largest chunk that fits `memory_budget` and holds about 5e8 operations
+        (each probe is a product over the whole batch, so more at once only grows the
+        working set: on `mlp2`, 16 probes take 45 ms in chunks of 4 and 72 ms in one
+        chunk).
 
     **Returns:**
 
