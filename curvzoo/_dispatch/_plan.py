@@ -148,8 +148,9 @@ class Plan:
         `"probes"`): `num_chunks` chunks of `chunk` lanes.
     - `multiply_adds` and `element_ops`: the estimated matrix-product multiply-adds and
         other arithmetic, counted on the kernel's traced program.
-    - `memory_bytes`: the estimated peak working memory (an upper bound), against
-        `memory_budget`.
+    - `memory_bytes`: the estimated peak working memory (an upper bound): `shared_bytes`
+        that every chunk uses (the batch's activations, a linearisation), plus one
+        chunk's, which is sized to `memory_budget`.
     - `seconds` (a property): the estimated run time, from this machine's measured
         matrix-multiply rate and the kernel's efficiency in the benchmark.
     """
@@ -167,6 +168,7 @@ class Plan:
     element_ops: float
     memory_bytes: int
     memory_budget: int
+    shared_bytes: int = 0
     extra: str | None = None
     progress_every: int = 0
     route: object = dataclasses.field(default=None, compare=False)
@@ -194,7 +196,8 @@ class Plan:
             f"  cost     {self.multiply_adds:.3g} multiply-adds and {self.element_ops:.3g} "
             f"other operations: about {duration(self.seconds)} on this machine",
             f"  chunks   {self.num_chunks:,} of {self.chunk:,} {self.lanes}; about "
-            f"{_mebibytes(self.memory_bytes)} of working memory, the chunks sized to a "
+            f"{_mebibytes(self.memory_bytes)} of working memory: "
+            f"{_mebibytes(self.shared_bytes)} shared, and a chunk's, sized to a "
             f"{_mebibytes(self.memory_budget)} budget",
             ")",
         ]
@@ -220,6 +223,8 @@ def _digits(value: float) -> str:
 
 
 def _mebibytes(size: int) -> str:
+    if size < 2**20:
+        return f"{size / 2**10:.3g} KiB"
     return f"{size / 2**20:.3g} MiB"
 
 
@@ -443,6 +448,7 @@ def build_plan(request: Request) -> Plan:
         element_ops=work.element_ops,
         memory_bytes=int(memory),
         memory_budget=budget,
+        shared_bytes=int(cost.shared.bytes),
         extra=cost.extra_text,
         progress_every=progress_every,
         route=route,
