@@ -55,7 +55,8 @@ sharded = jax.device_put(x, NamedSharding(four, PartitionSpec("data")))
 assert sharded.sharding.mesh == four
 again = ravel_pytree(cz.ggn_diagonal(model, ce, (sharded, y), mesh=four))[0]
 np.testing.assert_allclose(again, ravel_pytree(cz.ggn_diagonal(model, ce, (x, y)))[0], rtol=1e-11)
-# With a mesh the finiteness of the result is a flag computed in the compiled program.
+# A non-finite result is named on a mesh too (the flag computed with it, over sharded
+# arrays).
 mlp, xm = models["mlp"], jr.normal(jr.key(3), shapes["mlp"])
 def overflowing(model, batch):
     return jnp.exp(1e4 * jnp.sum(jax.vmap(model)(batch[0]) ** 2))

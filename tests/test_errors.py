@@ -380,3 +380,30 @@ def test_shared_bad_input_on_every_function(setup, function):
         call(lambda v: v, loss, (x, y))
     with pytest.raises(TypeError, match="`mesh` must be a `jax.sharding.Mesh`"):
         call(model, loss, (x, y), mesh="data")
+
+
+class _CappedLabels(cz.losses.CrossEntropy):
+    """Cross-entropy whose label check reads a field of the loss."""
+
+    cap: int = eqx.field(static=True)
+
+    def __init__(self, cap: int):
+        super().__init__()
+        self.cap = cap
+
+    def check_values(self, prediction_shape, targets) -> None:
+        if targets.max() >= self.cap:
+            raise ValueError(f"`batch` labels must lie below {self.cap}")
+
+
+def test_target_checks_are_remembered_per_array_and_per_loss(setup):
+    """A target array that passed one loss's check is checked again by a loss whose
+    check differs (here by a field), and still refused after passing once."""
+    model, x, _ = setup
+    y = jnp.array([0, 1, 2, 3, 0, 1])
+    cz.ggn_diagonal(model, _CappedLabels(4), (x, y))
+    cz.ggn_diagonal(model, _CappedLabels(4), (x, y))  # remembered
+    with pytest.raises(ValueError, match="below 2"):
+        cz.ggn_diagonal(model, _CappedLabels(2), (x, y))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
+        cz.ggn_diagonal(model, cz.losses.cross_entropy, (x, y.at[0].set(4)))

@@ -131,3 +131,17 @@ def test_hutchinson_chunks_are_bounded_by_work_and_pad_little():
     assert cv.chunk * cv.num_chunks == 16 and cv.chunk < 4  # no padded probe
     cheap = cz.plan(MLP, ce, (X, Y), quantity="hutchinson", num_probes=16)
     assert (cheap.chunk, cheap.num_chunks) == (16, 1)
+
+
+def test_the_plans_split_is_the_split_that_runs():
+    """The kernels split their lanes again from the plan's chunk: the same split, so the
+    plan describes what runs (and a mesh's multiple is kept)."""
+    from curvzoo._kernels._lanes import even_chunks
+
+    for lanes in range(1, 120):
+        for chunk in range(1, 40):
+            for multiple in (1, 2, 4):
+                split = even_chunks(lanes, chunk, multiple)
+                assert even_chunks(lanes, split[0], multiple) == split
+                assert split[0] * split[1] >= lanes and split[1] - 1 < lanes
+                assert split[0] <= chunk or (multiple > 1 and split[0] % multiple == 0)

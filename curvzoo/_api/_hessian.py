@@ -62,10 +62,11 @@ def hessian_diagonal(
         per-sample ones (`reduction="mean"`) or their sum (`"sum"`).
     - `check_finite`: if `True` (default), raise a `ValueError` naming the leaf when
         `model` or `batch` holds NaN or inf, or when the result does (the loss or its
-        derivatives overflow). Input arrays once found finite are remembered; the
-        result's flag is computed with it, in the same compiled program (one pass over
-        it, one boolean to the host). Under an outer `jax.jit` the values are not
-        known and nothing is checked.
+        derivatives overflow). Input `jax.Array`s once found finite are remembered
+        (NumPy arrays, which can change, are checked at every call); the result's flag
+        is computed with it, in the same compiled program (one pass over it, one
+        boolean to the host). Under an outer `jax.jit` the values are not known and
+        nothing is checked.
     - `mesh`: a `jax.sharding.Mesh` to run on several devices. The model is
         replicated. Kernels that work sample by sample (structured, GGN family,
         per-sample) split the batch along its leading axis over all of the mesh's

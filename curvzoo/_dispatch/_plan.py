@@ -150,7 +150,7 @@ class Plan:
         other arithmetic, counted on the kernel's traced program.
     - `memory_bytes`: the estimated peak working memory (an upper bound): `shared_bytes`
         that every chunk uses (the batch's activations, a linearisation), plus one
-        chunk's, which is sized to `memory_budget`.
+        chunk's, which `memory_budget` bounds.
     - `seconds` (a property): the estimated run time, from this machine's measured
         matrix-multiply rate and the kernel's efficiency in the benchmark.
     """
@@ -197,7 +197,7 @@ class Plan:
             f"other operations: about {duration(self.seconds)} on this machine",
             f"  chunks   {self.num_chunks:,} of {self.chunk:,} {self.lanes}; about "
             f"{_mebibytes(self.memory_bytes)} of working memory: "
-            f"{_mebibytes(self.shared_bytes)} shared, and a chunk's, sized to a "
+            f"{_mebibytes(self.shared_bytes)} shared, and a chunk's within a "
             f"{_mebibytes(self.memory_budget)} budget",
             ")",
         ]
@@ -223,7 +223,7 @@ def _digits(value: float) -> str:
 
 
 def _mebibytes(size: int) -> str:
-    if size < 2**20:
+    if size < 999.5 * 2**10:  # what `.3g` prints below 1,000
         return f"{size / 2**10:.3g} KiB"
     return f"{size / 2**20:.3g} MiB"
 
@@ -388,7 +388,7 @@ def _probe_chunk(num_probes: int, probe_work: float) -> int:
     """The chunk of probes for `_PROBE_CHUNK_WORK`: of the sizes from that bound down to
     half of it, the one that pads the fewest probes (16 probes under a bound of 3 run
     as 8 chunks of 2, not 6 of 3 with 2 wasted: 51 ms against 61 ms on `mlp2`)."""
-    bound = max(1, math.ceil(_PROBE_CHUNK_WORK / max(probe_work, 1)))
+    bound = min(num_probes, max(1, math.ceil(_PROBE_CHUNK_WORK / max(probe_work, 1))))
     sizes = range(bound, max(1, bound // 2) - 1, -1)
     return min(sizes, key=lambda size: -(-num_probes // size) * size)
 

@@ -5,9 +5,8 @@ vector (the generic kernel) or a probe (Hutchinson). `chunked` evaluates
 `fn(chunk_of_lanes, mask)` on equal chunks of lanes, `jax.vmap`-friendly and bounded in
 memory, and reduces the chunks' results.
 
-The chunks are as even as possible: `num_chunks = ceil(L / chunk)` (or one more, where
-that pads fewer lanes), then `chunk = ceil(L / num_chunks)`, so at most
-`num_chunks - 1` lanes are padding. Padding
+The chunks are as even as possible: `num_chunks = ceil(L / chunk)`, then
+`chunk = ceil(L / num_chunks)`, so at most `num_chunks - 1` lanes are padding. Padding
 repeats lane 0 and carries `mask = 0`; every reduction must weight by `mask` (a sum) or
 drop the padded lanes (a stack), and `chunked` does the latter itself.
 """
@@ -25,22 +24,15 @@ from .._run._progress import report
 def even_chunks(num_lanes: int, chunk: int, multiple: int = 1) -> tuple[int, int]:
     """`(chunk, num_chunks)` for `num_lanes` lanes in chunks of at most `chunk` (at least
     one lane), as even as possible, each a multiple of `multiple` where it can be (the
-    devices of a mesh, so that a chunk splits evenly over them).
-
-    Of the fewest chunks and one chunk more, the split with fewer padded lanes: 16
-    lanes in chunks of at most 6 run as 4 chunks of 4, not 3 of 6 with 2 padded lanes
-    (12% of the work wasted)."""
+    devices of a mesh, so that a chunk splits evenly over them). Applied to its own
+    `chunk` it returns the same split, so the plan's split is the one that runs."""
     chunk = max(1, min(int(chunk), num_lanes))
-    fewest = -(-num_lanes // chunk)
-    best = None
-    for num_chunks in (fewest, min(fewest + 1, num_lanes)):
-        size = -(-num_lanes // num_chunks)
-        if multiple > 1 and size >= multiple:
-            size = -(-size // multiple) * multiple
-        count = -(-num_lanes // size)
-        if best is None or size * count < best[0] * best[1]:
-            best = (size, count)
-    return best
+    num_chunks = -(-num_lanes // chunk)
+    chunk = -(-num_lanes // num_chunks)
+    if multiple > 1 and chunk >= multiple:
+        chunk = -(-chunk // multiple) * multiple
+        num_chunks = -(-num_lanes // chunk)
+    return chunk, num_chunks
 
 
 def _first(tree: PyTree) -> PyTree:

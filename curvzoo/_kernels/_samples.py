@@ -9,7 +9,9 @@ driver does the rest (chunking, masking the padding, the scale, the dtype):
   `(x, y, length)`; the model is `eqx.combine(params, static)`, `params` its trained
   arrays);
 - `contract(params, static, pieces, samples, mask)`: a chunk's pieces (stacked on a
-  leading axis) summed into totals, each sample weighted by `mask` (0 for padding).
+  leading axis) summed into totals, each sample weighted by `mask`: 0 for padding,
+  otherwise the loss's scale (a number, or a traced array with lengths), so the
+  contraction must be linear in `mask` (multiply by it; never test it against 0 or 1).
   Dense layers contract here, over the whole chunk in one matrix product;
 - `assemble(params, static, totals)`: the totals placed into the structure of `params`
   (that of `eqx.filter(model, filter_spec)`, `None` at frozen leaves).
@@ -58,7 +60,8 @@ class AbstractSampleKernel(eqx.Module):
 
     @abc.abstractmethod
     def contract(self, params: PyTree, static: PyTree, pieces: PyTree, samples: PyTree, mask):
-        """The mask-weighted sum of a chunk's stacked `pieces`."""
+        """The `mask`-weighted sum of a chunk's stacked `pieces`, linear in `mask` (the
+        padding's zeros times the scale; see the module docstring)."""
 
     @abc.abstractmethod
     def assemble(self, params: PyTree, static: PyTree, totals: PyTree) -> PyTree:

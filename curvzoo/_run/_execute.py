@@ -222,12 +222,20 @@ def _remember_passed(leaf, check) -> None:
 
 
 def _check_targets(loss: AbstractLoss, prediction_shape: tuple, targets) -> None:
-    """`loss.check_values` of concrete targets, once per `jax.Array` (it cannot change)."""
-    check = (type(loss).check_values, prediction_shape)
-    if not _is_concrete(targets) or _passed(targets, check):
+    """`loss.check_values` of concrete targets, once per `jax.Array` (it cannot change)
+    and equal loss (its fields may take part in the check)."""
+    if not _is_concrete(targets):
+        return
+    check = (loss, prediction_shape)
+    try:
+        hash(check)
+    except TypeError:  # a loss with array fields: checked at every call
+        check = None
+    if check is not None and _passed(targets, check):
         return
     loss.check_values(prediction_shape, np.asarray(targets))
-    _remember_passed(targets, check)
+    if check is not None:
+        _remember_passed(targets, check)
 
 
 def _check_inputs_finite(arrays: list, trees: dict) -> None:
