@@ -356,27 +356,37 @@ def _plot_shares(ax, records):
     ax.legend(fontsize=8)
 
 
-def _plot_sharpness(ax, records):
-    """Top eigenvalue of the Hessian and of the GGN over training, against 2 / lr."""
+def _plot_hessian_and_ggn(ax, records, values, title, prefix="", extra=None):
+    """`values(record, which)` for the Hessian and the GGN over training, log scale;
+    `extra(ax)` draws more before the legend."""
     steps = [r["step"] for r in records]
-    for which, style in (("hessian", "k-o"), ("ggn", "C1--s")):
-        ax.plot(steps, [r["sharpness"][which]["eigenvalue"] for r in records], style, ms=4,
-                label=f"top eigenvalue, {'Hessian' if which == 'hessian' else 'GGN'}")  # fmt: skip
-    ax.axhline(2 / LEARNING_RATE, color="tab:red", lw=1, label="2 / learning rate")
+    for which, name, style in (("hessian", "Hessian", "k-o"), ("ggn", "GGN", "C1--s")):
+        ax.plot(steps, [values(r, which) for r in records], style, ms=4, label=prefix + name)
+    if extra is not None:
+        extra(ax)
     ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_title("sharpness (Lanczos, relative residual 1e-4)")
+    ax.set_title(title)
     ax.legend(fontsize=8)
+
+
+def _plot_sharpness(ax, records):
+    """Top eigenvalue of the Hessian and of the GGN over training, against 2 / lr."""
+    _plot_hessian_and_ggn(
+        ax, records, lambda r, which: r["sharpness"][which]["eigenvalue"],
+        "sharpness (Lanczos, relative residual 1e-4)", prefix="top eigenvalue, ",
+        extra=lambda ax: ax.axhline(2 / LEARNING_RATE, color="tab:red", lw=1,
+                                    label="2 / learning rate"),
+    )  # fmt: skip
 
 
 def _plot_traces(ax, records):
-    steps = [r["step"] for r in records]
-    ax.plot(steps, [r["hessian"]["trace"] for r in records], "k-o", ms=4, label="Hessian")
-    ax.plot(steps, [r["ggn_trace"] for r in records], "C1--s", ms=4, label="GGN")
-    ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_title("trace (exact, from the diagonals)")
-    ax.legend(fontsize=8)
+    """The exact traces of the Hessian and of the GGN over training."""
+    _plot_hessian_and_ggn(
+        ax, records,
+        lambda r, which: r["hessian"]["trace"] if which == "hessian" else r["ggn_trace"],
+        "trace (exact, from the diagonals)",
+    )  # fmt: skip
 
 
 def _plot_time_steps(ax, records, note):

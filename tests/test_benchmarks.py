@@ -8,7 +8,6 @@ import pathlib
 import subprocess
 
 import curvzoo as cz
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -27,7 +26,8 @@ from benchmarks.trees import (
     worker_env,
     WrongTreeError,
 )
-from jax.flatten_util import ravel_pytree
+
+from .helpers import dense_hessian
 
 
 TINY_GEMM = Options(repeats=1, gemm_squares=(8,), gemm_shapes=((4, 2, 3),))
@@ -94,33 +94,30 @@ def test_gemm_row_in_process():
     ]
 
 
-def test_hvp_prefix_is_the_hessian_diagonal():
-    """The plain-JAX products the scaling row extrapolates from give `diag(H)`."""
+def _tiny_problem():
+    """A 26-parameter MLP, a batch of 5, cross-entropy, and its dense Hessian."""
     key_model, key_x, key_y = jr.split(jr.key(0), 3)
     model = cz.MLP(3, 2, 4, 1, activation=jax.nn.tanh, key=key_model)
     batch = (jr.normal(key_x, (5, 3)), jr.randint(key_y, (5,), 0, 2))
     loss = cz.losses.cross_entropy
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    flat, unravel = ravel_pytree(params)
-    hessian = jax.jit(jax.hessian(lambda u: loss(eqx.combine(unravel(u), static), batch)))
-    exact = jnp.diag(hessian(flat))
+    return model, batch, loss, dense_hessian(model, loss, batch)
+
+
+def test_hvp_prefix_is_the_hessian_diagonal():
+    """The plain-JAX products the scaling row extrapolates from give `diag(H)`."""
+    model, batch, loss, hessian = _tiny_problem()
+    exact = jnp.diag(hessian)
     for count, budget in ((26, 2**30), (11, 1)):
         run, chunk = hvp_diagonal_prefix(model, loss, batch, count, memory_budget=budget)
         assert chunk == (count if budget > 1 else 1)
         assert jnp.allclose(run(), exact[:count], rtol=1e-12, atol=1e-14)
-    assert kernel_chunk(model, loss, batch) == flat.size == 26
+    assert kernel_chunk(model, loss, batch) == hessian.shape[0] == 26
 
 
 def test_power_iteration_finds_the_top_eigenvalue():
     """The spectral row's power iteration reaches the eigenvalue largest in magnitude
     to its residual; PyHessian's rule stops sooner, short of it."""
-    key_model, key_x, key_y = jr.split(jr.key(0), 3)
-    model = cz.MLP(3, 2, 4, 1, activation=jax.nn.tanh, key=key_model)
-    batch = (jr.normal(key_x, (5, 3)), jr.randint(key_y, (5,), 0, 2))
-    loss = cz.losses.cross_entropy
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    flat, unravel = ravel_pytree(params)
-    hessian = jax.hessian(lambda u: loss(eqx.combine(unravel(u), static), batch))(flat)
+    model, batch, loss, hessian = _tiny_problem()
     eigenvalues = jnp.linalg.eigvalsh(hessian)
     top = eigenvalues[jnp.argmax(jnp.abs(eigenvalues))]
     value, steps, relative = spectral.power_iteration(
