@@ -184,3 +184,26 @@ def test_bad_input(getkey):
     bad = (batch[0], batch[1], jnp.array([1, 5, 2]))
     with pytest.raises(ValueError, match=r"`batch` lengths .* must lie in \[1, 4\]"):
         cz.time_step_curvature(model, loss, bad)
+
+
+def test_a_repeated_call_does_its_static_work_once(monkeypatch):
+    """The structure, the prediction's shape and the chunk (a trace of one sample) are
+    worked out once per request: a repeated call with new values of the same shapes
+    reuses them, and gives the numbers of its own values; new shapes work them out
+    again."""
+    from curvzoo._api import _time_steps
+
+    calls = []
+    original = _time_steps._setup
+    monkeypatch.setattr(_time_steps, "_setup", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = cz.RNN(2, 3, 2, cell="gru", key=jax.random.key(7))
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(4, 5, 2)))
+    y = jnp.asarray(rng.normal(size=(4, 2)))
+    first = cz.time_step_curvature(model, cz.losses.mse, (x, y), chunk_size=3)
+    second = cz.time_step_curvature(model, cz.losses.mse, (2 * x, y), chunk_size=3)
+    assert len(calls) == 1 and not np.allclose(first, second)
+    again = cz.time_step_curvature(model, cz.losses.mse, (2 * x, y), chunk_size=3)
+    np.testing.assert_array_equal(again, second)
+    cz.time_step_curvature(model, cz.losses.mse, (x[:3], y[:3]), chunk_size=3)
+    assert len(calls) == 2

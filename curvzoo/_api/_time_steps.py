@@ -1,5 +1,6 @@
 """`curvzoo.time_step_curvature`: where in time the loss of a recurrent model is curved."""
 
+import collections
 from typing import no_type_check
 
 import equinox as eqx
@@ -9,16 +10,19 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, PyTree
 
 from .._dispatch._costs import profile
+from .._dispatch._signature import flatten
 from .._dispatch._structures import describe, Recurrent, Unsupported
 from .._kernels._lanes import chunked
 from .._kernels._recurrent import SITES, time_step_curvature as _one_sample
 from .._losses import AbstractLoss, AbstractStepwiseLoss, batch_parts, reduction_factor
 from .._run._checks import check_batch, check_loss, check_model, raise_non_finite
 from .._run._devices import check_mesh, place_batch, replicate
+from .._run._execute import remember
 from ._options import make_options
 
 
 QUANTITIES = ("hessian", "ggn")
+_SETUPS: collections.OrderedDict = collections.OrderedDict()  # per static request
 
 
 def _check_choice(value, name: str, choices: tuple) -> None:
@@ -54,6 +58,24 @@ def _scales(loss, size: int, prediction_shape: tuple, lengths, per_sample: bool)
     lengths = None if lengths is None else jnp.asarray(lengths)
     scale = reduction_factor(loss, size, tuple(prediction_shape[1:]), lengths, per_sample)
     return jnp.broadcast_to(jnp.asarray(scale), (size,) if per_sample else ())
+
+
+def _setup(model, loss, batch, quantity: str, site: str, size: int, options):
+    """`(chain, prediction_shape, chunk)`: the model's recurrent structure, the batch of
+    predictions' shape (targets checked against it) and the chunk of samples, from
+    `chunk_size` or from one sample's working set (traced, not run) and the budget."""
+    chain = _chain_of(model, batch)
+    prediction_shape = loss.prediction_shape(model, batch)
+    if chain.readout == "all" and AbstractStepwiseLoss not in type(loss).__mro__:
+        raise ValueError(
+            f"`loss` ({type(loss).__name__}) has no per-step Hessian (it is not an "
+            "`AbstractStepwiseLoss`), which a readout at every step needs."
+        )
+    lane = profile(
+        lambda m, l, x: _one_sample(chain, quantity, site, m, l, x), model, loss, _one(tuple(batch))
+    )
+    chunk = options.chunk_size or max(1, min(size, options.memory_budget // max(lane.bytes, 1)))
+    return chain, prediction_shape, int(chunk)
 
 
 @eqx.filter_jit
@@ -160,19 +182,17 @@ def time_step_curvature(
     )  # fmt: skip
     size = check_batch(batch)
     _, _, lengths = batch_parts(batch)
-    chain = _chain_of(model, batch)
-    prediction_shape = loss.prediction_shape(model, batch)
-    if chain.readout == "all" and AbstractStepwiseLoss not in type(loss).__mro__:
-        raise ValueError(
-            f"`loss` ({type(loss).__name__}) has no per-step Hessian (it is not an "
-            "`AbstractStepwiseLoss`), which a readout at every step needs."
-        )
+    # What shapes and static parts decide (the structure, the prediction's shape, the
+    # chunk from one sample's traced working set) is worked out once per request.
+    key = (
+        flatten(model)[1], flatten(loss)[1], flatten(tuple(batch))[1], quantity, site,
+        options.per_sample, options.chunk_size, options.memory_budget,
+    )  # fmt: skip
+    chain, prediction_shape, chunk = remember(
+        _SETUPS, key, lambda: _setup(model, loss, batch, quantity, site, size, options)
+    )
     loss.check_batch_values(prediction_shape, batch, model)
     scale = _scales(loss, size, prediction_shape, lengths, options.per_sample)
-    lane = profile(
-        lambda m, l, x: _one_sample(chain, quantity, site, m, l, x), model, loss, _one(tuple(batch))
-    )
-    chunk = options.chunk_size or max(1, min(size, options.memory_budget // max(lane.bytes, 1)))
     model = replicate(model, mesh)
     batch = place_batch(tuple(batch), mesh, split=True, size=size)
     result, finite = _compute(

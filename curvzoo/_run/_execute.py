@@ -46,7 +46,7 @@ _BATCHES: collections.OrderedDict = collections.OrderedDict()
 _MISSING = object()
 
 
-def _remember(cache: collections.OrderedDict, key, make: Callable):
+def remember(cache: collections.OrderedDict, key, make: Callable):
     """`make()`, remembered under `key` in the bounded `cache` (not when unhashable)."""
     try:
         value = cache.get(key, _MISSING)
@@ -71,16 +71,16 @@ def _trained(model, layout: Layout, filter_spec) -> tuple:
     """One bool per leaf of `model`: trained or not (remembered per model layout for a
     PyTree spec and for `_DTYPE_SPECS`; another callable spec is applied anew)."""
     if any(filter_spec is spec for spec in _DTYPE_SPECS):
-        return _remember(_MASKS, (layout, filter_spec), lambda: trained(model, filter_spec))
+        return remember(_MASKS, (layout, filter_spec), lambda: trained(model, filter_spec))
     if callable(filter_spec) and not isinstance(filter_spec, eqx.Module):
         return trained(model, filter_spec)
     spec_leaves, spec_def = jax.tree.flatten(filter_spec)
     key = (layout, spec_def, tuple(spec_leaves))
-    return _remember(_MASKS, key, lambda: trained(model, filter_spec))
+    return remember(_MASKS, key, lambda: trained(model, filter_spec))
 
 
 def _check_batch(batch, layout: Layout) -> None:
-    _remember(_BATCHES, layout, lambda: check_batch(batch))
+    remember(_BATCHES, layout, lambda: check_batch(batch))
 
 
 class Prepared:
@@ -132,7 +132,7 @@ def prepare(
         plan = build_plan(request)
         return plan, jax.jit(runner(request, plan))
 
-    plan, compiled = _remember(_PLANS, request, make)
+    plan, compiled = remember(_PLANS, request, make)
     arrays = [model_arrays, batch_arrays, loss_arrays, args_arrays]
     return Prepared(request, plan, compiled, arrays, trees)
 
