@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, PyTree
 
 from .._dispatch._costs import profile
+from .._dispatch._plan import all_finite
 from .._dispatch._signature import flatten
 from .._dispatch._structures import describe, Recurrent, Unsupported
 from .._kernels._lanes import chunked
@@ -94,7 +95,7 @@ def _compute(chain, quantity, site, model, loss, batch, scale, chunk, per_sample
     )  # fmt: skip
     total = total * (jnp.reshape(scale, (-1, 1, 1)) if per_sample else scale)
     total = total.astype(dtype)
-    return total, jnp.all(jnp.isfinite(total))
+    return total, all_finite(total)
 
 
 @no_type_check

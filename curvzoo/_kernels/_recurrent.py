@@ -589,17 +589,6 @@ def _per_sample(chain: RecurrentChain, quantity: str, model, loss, sample, embed
 SITES = ("state", "preactivation")
 
 
-def time_step_sizes(chain: RecurrentChain, hidden: int) -> dict:
-    """The number of values per step of each site: every layer's state (`q H`), or
-    every layer's gate pre-activations (`G H`)."""
-    kind = chain.kind
-    layers = chain.num_layers
-    return {
-        "state": layers * STATE_PER_UNIT[kind] * hidden,
-        "preactivation": layers * len(IH_SLOTS[kind]) * hidden,
-    }
-
-
 def time_step_curvature(chain: RecurrentChain, quantity: str, site: str, model, loss, sample):
     """One sample's curvature per time step, unscaled, `(T, size)`: the diagonal of the
     Hessian (or GGN) of its loss with respect to a perturbation added to every layer's
