@@ -82,7 +82,16 @@ def batch_parts(batch: PyTree) -> tuple[PyTree, PyTree, PyTree | None]:
             + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
             + "."
         )
-    return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
+    lengths = batch[2] if len(batch) == 3 else None
+    if lengths is not None and not isinstance(
+        lengths, (jax.Array, np.ndarray, jax.ShapeDtypeStruct, jax.core.Tracer)
+    ):
+        raise TypeError(
+            "`batch` lengths (its third element) must be an integer array of shape (N,), one "
+            f"length per sequence; got a {type(lengths).__name__}. Convert it with "
+            "`jnp.asarray(lengths)`."
+        )
+    return batch[0], batch[1], lengths
 
 
 def has_steps(prediction_shape: tuple[int, ...]) -> bool:
@@ -133,6 +142,14 @@ def _check_lengths_array(shape, dtype, input_leaves) -> None:
             f"`batch` lengths (its third element) must have shape ({size},), one length per "
             f"sequence, got {tuple(shape)}."
         )
+
+
+def _check_inputs(model, inputs) -> None:
+    """The model's own check of concrete input values (`check_input_values`: the zoo
+    `RNN`'s token ids in `[0, vocab_size)`), where it has one; nothing under a trace."""
+    checker = getattr(model, "check_input_values", None)
+    if callable(checker) and all(_is_concrete(leaf) for leaf in jax.tree.leaves(inputs)):
+        checker(inputs)
 
 
 def _valid_targets(prediction_shape: tuple, targets, lengths) -> np.ndarray:
@@ -295,6 +312,7 @@ class AbstractLoss(eqx.Module):
         if lengths is None:
             predictions = self.predict(model, inputs)
             self.check_shapes(predictions.shape, targets.shape, targets.dtype)
+            _check_inputs(model, inputs)
             losses = jax.vmap(self.per_sample)(predictions, targets)
             return self.scale(predictions.shape[0], predictions.shape[1:]) * jnp.sum(losses)
         lengths = jnp.asarray(lengths)
@@ -304,6 +322,7 @@ class AbstractLoss(eqx.Module):
         self.check_lengths(predictions.shape, steps_of(inputs))
         if _is_concrete(lengths):
             self.check_length_values(np.asarray(lengths), steps_of(inputs))
+        _check_inputs(model, inputs)
         losses = jax.vmap(self.sample_loss)(predictions, targets, lengths)
         scale = self.scale(predictions.shape[0], predictions.shape[1:], lengths)
         return scale * jnp.sum(losses)
@@ -373,9 +392,7 @@ class AbstractLoss(eqx.Module):
         if _is_concrete(targets):
             valid = _valid_targets(prediction_shape, targets, lengths)
             self.check_values(prediction_shape, valid)
-        checker = getattr(model, "check_input_values", None)
-        if callable(checker) and all(_is_concrete(leaf) for leaf in jax.tree.leaves(inputs)):
-            checker(inputs)
+        _check_inputs(model, inputs)
 
 
 class AbstractStepwiseLoss(AbstractLoss):

@@ -130,8 +130,9 @@ def empirical_fisher_diagonal(
     - `method`: as for [`curvzoo.ggn_diagonal`][].
     - `per_sample`: if `True`, the squared gradients one sample at a time: sample `n`'s
         entry is the empirical Fisher of the batch of that sample alone,
-        `scale(1) * g_n^2`; the batch's diagonal is their mean (`reduction="mean"`) or
-        sum (`"sum"`).
+        `scale(1) * g_n^2`; the batch's diagonal is their sum (`reduction="sum"`) or
+        mean (`"mean"`), weighted by length with lengths and per-step targets, as in
+        [`curvzoo.hessian_diagonal`][].
 
     **Returns:**
 

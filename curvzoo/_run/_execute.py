@@ -28,6 +28,7 @@ from jaxtyping import PyTree
 from .._dispatch._plan import all_finite, build_plan, duration, Options, Plan, Request, runner
 from .._dispatch._signature import (
     flatten,
+    is_array,
     Layout,
     trace_loss,
     WithArgs,
@@ -183,7 +184,7 @@ def evaluate(quantity: str, model, loss, batch, *, key=None, **kwargs) -> PyTree
     _warn_if_slow(plan)
     model, batch, loss, args = prepared.trees
     if isinstance(loss, AbstractLoss):
-        _check_targets(loss, plan.prediction_shape, batch[1])
+        check_batch_values(loss, plan.prediction_shape, batch, model, prepared.request.model)
     model_arrays, batch_arrays, loss_arrays, args_arrays = prepared.arrays
     if options.mesh is not None:
         model_arrays = replicate(model_arrays, options.mesh)
@@ -221,21 +222,28 @@ def _remember_passed(leaf, check) -> None:
     entry[1].add(check)
 
 
-def _check_targets(loss: AbstractLoss, prediction_shape: tuple, targets) -> None:
-    """`loss.check_values` of concrete targets, once per `jax.Array` (it cannot change)
-    and equal loss (its fields may take part in the check)."""
-    if not _is_concrete(targets):
+def check_batch_values(loss: AbstractLoss, prediction_shape: tuple, batch, model, layout) -> None:
+    """`loss.check_batch_values` of a curvzoo loss's batch: the lengths in `[1, T]`,
+    the targets (at valid steps) and the model's inputs (`check_input_values`, the zoo
+    `RNN`'s token ids), with the errors the loss itself raises. Every function that
+    takes such a batch calls this, eagerly; the batch's `jax.Array`s are remembered
+    once they pass (arrays cannot change) for an equal loss, prediction shape and model
+    layout (its static fields, such as `vocab_size`, take part in the check)."""
+    leaves = [leaf for leaf in jax.tree.leaves(batch) if is_array(leaf)]
+    if not all(_is_concrete(leaf) for leaf in leaves):
+        loss.check_batch_values(prediction_shape, batch, model)  # checks what is known
         return
-    check = (loss, prediction_shape)
+    check = (loss, tuple(prediction_shape), layout)
     try:
         hash(check)
     except TypeError:  # a loss with array fields: checked at every call
         check = None
-    if check is not None and _passed(targets, check):
+    if check is not None and leaves and all(_passed(leaf, check) for leaf in leaves):
         return
-    loss.check_values(prediction_shape, np.asarray(targets))
+    loss.check_batch_values(prediction_shape, batch, model)
     if check is not None:
-        _remember_passed(targets, check)
+        for leaf in leaves:
+            _remember_passed(leaf, check)
 
 
 def _check_inputs_finite(arrays: list, trees: dict) -> None:
@@ -268,5 +276,12 @@ def _unwrapped(result):
 
 
 def plan_of(quantity: str, model, loss, batch, *, key=None, **kwargs) -> Plan:
-    """The plan `evaluate` would run, without running it."""
-    return prepare(quantity, model, loss, batch, key=key, **kwargs).plan
+    """The plan `evaluate` would run, without running it (a curvzoo loss's batch
+    values are checked as `evaluate` checks them: the plan of a call that would raise
+    raises the same error)."""
+    prepared = prepare(quantity, model, loss, batch, key=key, **kwargs)
+    model, batch, loss, _ = prepared.trees
+    if isinstance(loss, AbstractLoss):
+        layout = prepared.request.model
+        check_batch_values(loss, prepared.plan.prediction_shape, batch, model, layout)
+    return prepared.plan

@@ -19,8 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
 from .._dispatch._plan import check_loss_output
-from .._dispatch._signature import fresh
-from .._losses import AbstractLoss, split_batch
+from .._dispatch._signature import flatten, fresh
+from .._losses import AbstractLoss
 from .._run._checks import (
     check_batch,
     check_loss,
@@ -30,6 +30,7 @@ from .._run._checks import (
     split_trainable,
 )
 from .._run._devices import check_mesh, replicate
+from .._run._execute import check_batch_values
 from .._run._memory import DEFAULT_MEMORY_BUDGET
 
 
@@ -94,12 +95,11 @@ def require_per_sample_form(loss: Any, operator: str) -> None:
 
 def _check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> None:
     """As for the other functions (`curvzoo._dispatch._plan.check_loss_output`), and a
-    curvzoo loss's target values too, where they are concrete."""
+    curvzoo loss's batch values too (lengths, targets, token ids), where they are
+    concrete, as every function checks them (`curvzoo._run._execute.check_batch_values`)."""
     prediction_shape = check_loss_output(loss, model, batch, None)
     if isinstance(loss, AbstractLoss):
-        targets = split_batch(batch)[1]
-        if not isinstance(targets, jax.core.Tracer):
-            loss.check_values(prediction_shape, np.asarray(targets))
+        check_batch_values(loss, prediction_shape, batch, model, flatten(model)[1])
 
 
 def _place_batch(batch: PyTree, mesh: Mesh | None, size: int) -> PyTree:
