@@ -58,8 +58,10 @@ def hessian_diagonal(
         `"generic"` forces the reference kernel. Both are exact.
     - `per_sample`: if `True`, one diagonal per sample instead: sample `n`'s is the
         Hessian diagonal of `loss(model, batch_n)`, with `batch_n` the batch of that
-        sample alone. For a curvzoo loss the batch's diagonal is then the mean of the
-        per-sample ones (`reduction="mean"`) or their sum (`"sum"`).
+        sample alone. For a curvzoo loss the batch's diagonal is then their sum
+        (`reduction="sum"`) or, for `"mean"`, their mean, weighted by length where a
+        batch `(inputs, targets, lengths)` has per-step targets: sample `n` weighs
+        `lengths[n] / sum(lengths)`, as the loss is the mean over all valid steps.
     - `check_finite`: if `True` (default), raise a `ValueError` naming the leaf when
         `model` or `batch` holds NaN or inf, or when the result does (the loss or its
         derivatives overflow). Input `jax.Array`s once found finite are remembered
