@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar
 
+from ._run._devices import host_value
+
 
 _REDUCTIONS = ("mean", "sum")
 # Filled in at the end of this module: each loss class's `Capabilities`, and the base
@@ -144,6 +146,21 @@ def _check_lengths_array(shape, dtype, input_leaves) -> None:
         )
 
 
+def _check_one_array(predictions) -> None:
+    """A curvzoo loss scores one array per example: a model returning a tuple, a dict or
+    another PyTree is refused, naming `model`."""
+    if isinstance(predictions, (jax.ShapeDtypeStruct, jax.Array, jax.core.Tracer)):
+        return
+    structure = jax.tree.structure(predictions)
+    raise ValueError(
+        "`model` must return one array per example for a curvzoo loss; it returns "
+        f"{type(predictions).__name__} {structure}. Wrap it so that it returns the prediction "
+        "alone (a model returning `(prediction, state)` with an `eqx.nn.State` is unwrapped "
+        "when the state comes with `args=`), or write the loss yourself as "
+        "`loss(model, batch) -> scalar`."
+    )
+
+
 def _check_inputs(model, inputs) -> None:
     """The model's own check of concrete input values (`check_input_values`: the zoo
     `RNN`'s token ids in `[0, vocab_size)`), where it has one; nothing under a trace."""
@@ -155,10 +172,10 @@ def _check_inputs(model, inputs) -> None:
 def _valid_targets(prediction_shape: tuple, targets, lengths) -> np.ndarray:
     """The targets at valid steps only (all of them without lengths or steps), with the
     targets' trailing axes: padded steps may hold any value (a padding label, say)."""
-    targets = np.asarray(targets)
+    targets = host_value(targets)
     if lengths is None or not has_steps(tuple(prediction_shape[1:])):
         return targets
-    valid = np.arange(targets.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    valid = np.arange(targets.shape[1])[None, :] < host_value(lengths)[:, None]
     return targets[valid][None]
 
 
@@ -280,14 +297,15 @@ class AbstractLoss(eqx.Module):
         valid = (jnp.arange(prediction.shape[0]) < length).astype(prediction.dtype)
         return valid.reshape(-1, *(1,) * (prediction.ndim - 1))
 
-    def predict(self, model, inputs: PyTree, lengths: Array | None = None) -> Array:
+    def predict(self, model, inputs: PyTree, lengths: Array | None = None) -> PyTree:
         """The model applied to every sample: `jax.vmap(model)(inputs)`, or with
-        `lengths`, `jax.vmap(model)(inputs, lengths)`."""
+        `lengths`, `jax.vmap(model)(inputs, lengths)`: one array for a model the loss can
+        score (anything else is refused with an error naming `model`)."""
         if lengths is None:
             return jax.vmap(model)(inputs)
         return jax.vmap(model)(inputs, lengths)
 
-    def predictions(self, model, inputs: PyTree, lengths: Array | None = None) -> Array:
+    def predictions(self, model, inputs: PyTree, lengths: Array | None = None) -> PyTree:
         """`predict(model, inputs)`, or with lengths `predict(model, inputs, lengths)`
         (so a subclass's `predict(model, inputs)` keeps working without lengths)."""
         if lengths is None:
@@ -311,6 +329,7 @@ class AbstractLoss(eqx.Module):
         targets = jnp.asarray(targets)
         if lengths is None:
             predictions = self.predict(model, inputs)
+            _check_one_array(predictions)
             self.check_shapes(predictions.shape, targets.shape, targets.dtype)
             _check_inputs(model, inputs)
             losses = jax.vmap(self.per_sample)(predictions, targets)
@@ -318,10 +337,11 @@ class AbstractLoss(eqx.Module):
         lengths = jnp.asarray(lengths)
         _check_lengths_array(lengths.shape, lengths.dtype, jax.tree.leaves(inputs))
         predictions = self.predictions(model, inputs, lengths)
+        _check_one_array(predictions)
         self.check_shapes(predictions.shape, targets.shape, targets.dtype)
         self.check_lengths(predictions.shape, steps_of(inputs))
         if _is_concrete(lengths):
-            self.check_length_values(np.asarray(lengths), steps_of(inputs))
+            self.check_length_values(host_value(lengths), steps_of(inputs))
         _check_inputs(model, inputs)
         losses = jax.vmap(self.sample_loss)(predictions, targets, lengths)
         scale = self.scale(predictions.shape[0], predictions.shape[1:], lengths)
@@ -338,6 +358,7 @@ class AbstractLoss(eqx.Module):
         predictions = eqx.filter_eval_shape(
             lambda loss, m, x, n: loss.predictions(m, x, n), self, model, inputs, lengths
         )
+        _check_one_array(predictions)
         self.check_shapes(predictions.shape, jnp.shape(targets), jnp.result_type(targets))
         if lengths is not None:
             self.check_lengths(predictions.shape, steps_of(inputs))
@@ -385,7 +406,7 @@ class AbstractLoss(eqx.Module):
         where `model` has a method `check_input_values` (the zoo `RNN`'s token ids)."""
         inputs, targets, lengths = batch_parts(batch)
         if lengths is not None and _is_concrete(lengths):
-            lengths = np.asarray(lengths)
+            lengths = host_value(lengths)
             self.check_length_values(lengths, steps_of(inputs))
         elif lengths is not None:
             return  # lengths unknown: which target steps count is unknown too

@@ -407,3 +407,89 @@ def test_target_checks_are_remembered_per_array_and_per_loss(setup):
         cz.ggn_diagonal(model, _CappedLabels(2), (x, y))
     with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
         cz.ggn_diagonal(model, cz.losses.cross_entropy, (x, y.at[0].set(4)))
+
+
+# ## Errors that were opaque (issue 18): the model's output, a non-loss, BatchNorm
+
+
+class _Pair(eqx.Module):
+    linear: eqx.nn.Linear
+
+    def __call__(self, x):
+        return self.linear(x), self.linear(x)
+
+
+class _Named(eqx.Module):
+    linear: eqx.nn.Linear
+
+    def __call__(self, x):
+        return {"logits": self.linear(x)}
+
+
+_KEY = jr.key(0)
+_CALLS = {
+    "hessian_diagonal": lambda m, l, b: cz.hessian_diagonal(m, l, b),
+    "ggn_diagonal": lambda m, l, b: cz.ggn_diagonal(m, l, b),
+    "plan": lambda m, l, b: cz.plan(m, l, b),
+    "hessian_eigenvalues": lambda m, l, b: cz.hessian_eigenvalues(m, l, b, key=_KEY),
+}
+
+
+@pytest.mark.parametrize("call", _CALLS)
+@pytest.mark.parametrize("wrapper", [_Pair, _Named])
+def test_model_returning_a_pytree(call, wrapper, setup):
+    _, x, y = setup
+    model = wrapper(eqx.nn.Linear(3, 4, key=_KEY))
+    with pytest.raises(ValueError, match=r"`model` must return one array per example"):
+        _CALLS[call](model, cz.losses.cross_entropy, (x, y))
+    with pytest.raises(ValueError, match=r"`model` must return one array per example"):
+        cz.losses.cross_entropy(model, (x, y))
+
+
+@pytest.mark.parametrize("call", _CALLS)
+def test_array_function_as_loss(call, setup):
+    model, x, y = setup
+    with pytest.raises(TypeError, match=r"`loss` is `jax.numpy.mean`, a function of arrays"):
+        _CALLS[call](model, jnp.mean, (x, y))
+
+
+def _batch_norm_model():
+    def make(key):
+        return eqx.nn.Sequential(
+            [eqx.nn.Linear(3, 4, key=key), eqx.nn.BatchNorm(4, "batch", mode="batch")]
+        )
+
+    return eqx.nn.make_with_state(make)(_KEY)
+
+
+def test_batch_norm_in_training_mode(setup):
+    _, x, y = setup
+    model, state = _batch_norm_model()
+    with pytest.raises(ValueError, match=r"inference_mode\(model\)"):
+        cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y), args=state)
+
+    def loss(m, b):
+        out, _ = jax.vmap(m, in_axes=(0, None), out_axes=(0, None))(b[0], state)
+        return cz.losses.cross_entropy(lambda z: z, (out, b[1]))
+
+    for call in (cz.hessian_diagonal, cz.hessian_operator):
+        with pytest.raises(ValueError, match=r"BatchNorm` in training mode"):
+            call(model, loss, (x, y))
+    # What the message says to do works, and is exact.
+    model = eqx.nn.inference_mode(model)
+    diagonal = cz.hessian_diagonal(model, cz.losses.cross_entropy, (x, y), args=state)
+    generic = cz.hessian_diagonal(
+        model, cz.losses.cross_entropy, (x, y), args=state, method="generic"
+    )
+    np.testing.assert_allclose(flat(diagonal), flat(generic), rtol=1e-10, atol=1e-14)
+
+
+def test_an_error_inside_a_callable_loss_says_how_it_was_called(setup):
+    model, x, y = setup
+
+    def loss(m, b):
+        return jnp.sum(jax.vmap(m)(b[0]) @ jnp.ones(5))  # (6, 4) @ (5,)
+
+    with pytest.raises(TypeError) as info:
+        cz.hessian_diagonal(model, loss, (x, y))
+    assert "while curvzoo traced `loss(model, batch)`" in "".join(info.value.__notes__)

@@ -153,16 +153,16 @@ def test_unsupported_layers_are_named():
     assert "LayerNorm" in repr(plan)
 
 
-def test_a_long_generic_call_warns(monkeypatch):
-    """The warning names the estimate and the faster routes; calls on the structured
-    kernel never warn."""
+def test_a_long_call_warns_on_every_kernel(monkeypatch):
+    """The warning names the estimate, the kernel and the faster routes, for the
+    generic kernel and the structured one alike (with the threshold at zero)."""
     from curvzoo._run import _execute
 
-    monkeypatch.setattr(_execute, "_SLOW", 0.0)
-    monkeypatch.setattr(_execute, "_OPTIMISTIC_RATE", float("inf"))
+    monkeypatch.setattr(_execute, "SLOW_SECONDS", 0.0)
     model = cz.MLP(3, 2, 4, 1, key=next(KEYS))
     inputs = _vectors()
     batch = (inputs, _targets(model, inputs))
-    with pytest.warns(cz.SlowCurvatureWarning, match="generic kernel.*ggn_diagonal"):
+    with pytest.warns(cz.SlowCurvatureWarning, match="generic .*kernel.*ggn_diagonal"):
         cz.hessian_diagonal(model, lambda m, b: cz.losses.mse(m, b), batch)
-    cz.hessian_diagonal(model, cz.losses.mse, batch)  # structured: no warning (an error here)
+    with pytest.warns(cz.SlowCurvatureWarning, match="structured, layered"):
+        cz.hessian_diagonal(model, cz.losses.mse, batch)

@@ -18,7 +18,7 @@ from .._kernels._recurrent import SITES, time_step_curvature as _one_sample
 from .._losses import AbstractLoss, AbstractStepwiseLoss, batch_parts, reduction_factor
 from .._run._checks import check_batch, check_loss, check_model, raise_non_finite
 from .._run._devices import check_mesh, place_batch, replicate
-from .._run._execute import remember
+from .._run._execute import check_batch_values, remember, warn_if_slow
 from ._options import make_options
 
 
@@ -62,9 +62,10 @@ def _scales(loss, size: int, prediction_shape: tuple, lengths, per_sample: bool)
 
 
 def _setup(model, loss, batch, quantity: str, site: str, size: int, options):
-    """`(chain, prediction_shape, chunk)`: the model's recurrent structure, the batch of
-    predictions' shape (targets checked against it) and the chunk of samples, from
-    `chunk_size` or from one sample's working set (traced, not run) and the budget."""
+    """`(chain, prediction_shape, chunk, work)`: the model's recurrent structure, the
+    batch of predictions' shape (targets checked against it), the chunk of samples, from
+    `chunk_size` or from one sample's working set (traced, not run) and the budget, and
+    the call's operations (one sample's, as traced, times the batch)."""
     chain = _chain_of(model, batch)
     prediction_shape = loss.prediction_shape(model, batch)
     if chain.readout == "all" and AbstractStepwiseLoss not in type(loss).__mro__:
@@ -76,7 +77,7 @@ def _setup(model, loss, batch, quantity: str, site: str, size: int, options):
         lambda m, l, x: _one_sample(chain, quantity, site, m, l, x), model, loss, _one(tuple(batch))
     )
     chunk = options.chunk_size or max(1, min(size, options.memory_budget // max(lane.bytes, 1)))
-    return chain, prediction_shape, int(chunk)
+    return chain, prediction_shape, int(chunk), lane.work * size
 
 
 @eqx.filter_jit
@@ -189,10 +190,11 @@ def time_step_curvature(
         flatten(model)[1], flatten(loss)[1], flatten(tuple(batch))[1], quantity, site,
         options.per_sample, options.chunk_size, options.memory_budget,
     )  # fmt: skip
-    chain, prediction_shape, chunk = remember(
+    chain, prediction_shape, chunk, work = remember(
         _SETUPS, key, lambda: _setup(model, loss, batch, quantity, site, size, options)
     )
-    loss.check_batch_values(prediction_shape, batch, model)
+    check_batch_values(loss, prediction_shape, batch, model, key[0])
+    warn_if_slow(work, "recurrent", f"this curvature per time step of {type(model).__name__}")
     scale = _scales(loss, size, prediction_shape, lengths, options.per_sample)
     model = replicate(model, mesh)
     batch = place_batch(tuple(batch), mesh, split=True, size=size)

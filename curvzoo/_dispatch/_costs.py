@@ -6,12 +6,14 @@ of everything it computes. Kernels are made of lanes (samples, basis vectors, pr
 and a part they share; the plan profiles one lane and the shared part and multiplies.
 
 Time is estimated from the multiply-adds and a rate: this machine's own
-matrix-multiply rate, measured once per process on a float32 product, times a
+matrix-multiply rate, the best of a few measurements in this process (`machine_rate`)
+of a float32 product, times a
 per-kernel efficiency (the fraction of that rate the kernel reached in the benchmark on
 2 CPU cores, where its work is counted the same way).
 """
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -105,25 +107,58 @@ def profile(fn: Callable, *args) -> Profile:
 
 # ## This machine's rate
 
-_RATE: dict = {}
+_RATE: dict = {"best": 0.0, "measured": 0, "last": -math.inf}
+_REMEASURE_EVERY = 2.0  # seconds between measurements
+_MEASUREMENTS = 8  # at most, per process
 
 
-def machine_rate() -> float:
-    """Multiply-adds per second of a float32 matrix product on this machine's default
-    device (512 x 512 by 512 x 512, the best of 5 after a warm-up), measured once per
-    process."""
-    if "rate" not in _RATE:
-        size = 512
-        a = jnp.ones((size, size), jnp.float32)
-        product = jax.jit(lambda x: x @ x)
+def _measure_rate() -> float:
+    """Multiply-adds per second of one float32 product, 512 x 512 by 512 x 512, on the
+    default device: the best of 5 after a warm-up (about 20 ms on 2 CPU cores)."""
+    size = 512
+    a = jnp.ones((size, size), jnp.float32)
+    product = _product()
+    jax.block_until_ready(product(a))
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
         jax.block_until_ready(product(a))
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            jax.block_until_ready(product(a))
-            best = min(best, time.perf_counter() - start)
-        _RATE["rate"] = size**3 / best
-    return _RATE["rate"]
+        best = min(best, time.perf_counter() - start)
+    return size**3 / best
+
+
+@functools.cache
+def _product():
+    return jax.jit(lambda x: x @ x)
+
+
+def machine_rate(*, refresh: bool = False) -> float:
+    """This machine's float32 matrix-multiply rate (multiply-adds per second): the best
+    of every measurement so far in this process. It is measured at the first call and,
+    with `refresh` (each new plan asks for it), again at most every 2 s, up to 8 times:
+    a measurement taken while the machine was busy is superseded by a later, quieter
+    one, so one unlucky moment no longer skews every later estimate (it did: one GRU
+    plan said 13 s in one process and 1.8 s in the next for a call of 0.6-1.0 s)."""
+    now = time.monotonic()
+    due = refresh and now - _RATE["last"] >= _REMEASURE_EVERY
+    if _RATE["measured"] == 0 or (due and _RATE["measured"] < _MEASUREMENTS):
+        _RATE["best"] = max(_RATE["best"], _measure_rate())
+        _RATE["measured"] += 1
+        _RATE["last"] = time.monotonic()
+    return _RATE["best"]
+
+
+# No machine curvzoo runs on multiplies float32 matrices slower than this (multiply-adds
+# per second; 2 busy CPU cores here measure 2e10 to 4e10): the floor of
+# `surely_faster_than`, so that a plan's time need not be measured to know it is short.
+_SLOWEST_RATE = 1e8
+
+
+def surely_faster_than(work: float, kernel: str, seconds: float) -> bool:
+    """Whether `work` operations on `kernel` take less than `seconds` even at the
+    slowest rate any machine has (`_SLOWEST_RATE`): then no measurement is needed to
+    know it, and no call whose estimate is above `seconds` can be passed over."""
+    return work / (_SLOWEST_RATE * EFFICIENCY[kernel]) < seconds
 
 
 # The fraction of the machine's matrix-multiply rate each kernel reached on the
@@ -138,5 +173,6 @@ EFFICIENCY = {
 }
 
 
-def estimated_seconds(work: float, kernel: str) -> float:
-    return work / (machine_rate() * EFFICIENCY[kernel])
+def estimated_seconds(work: float, kernel: str, *, refresh: bool = False) -> float:
+    """The estimated run time of `work` operations on `kernel` (see `machine_rate`)."""
+    return work / (machine_rate(refresh=refresh) * EFFICIENCY[kernel])

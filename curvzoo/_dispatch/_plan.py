@@ -32,10 +32,11 @@ from .._kernels._recurrent import RecurrentKernel
 from .._kernels._samples import AbstractSampleKernel
 from .._kernels._vjp import VJPKernel
 from .._losses import AbstractLoss, capabilities
-from .._run._checks import check_batch
+from .._run._checks import check_batch, explained
+from .._run._devices import place_result
 from .._run._memory import DEFAULT_MEMORY_BUDGET
 from .._run._progress import INTERVAL as REPORT_INTERVAL
-from ._costs import estimated_seconds
+from ._costs import estimated_seconds, machine_rate, surely_faster_than
 from ._routes import bind, Context, GenericRoute, HutchinsonRoute, SampleRoute
 from ._signature import cached_hash, check_scalar, Layout, TracedLoss, WithArgs
 from ._structures import describe, Layered, Recurrent, Unsupported
@@ -247,6 +248,11 @@ def check_loss_output(loss, model, batch, args) -> tuple | None:
             prediction_shape = loss.prediction_shape(model, batch)
         out = eqx.filter_eval_shape(lambda l, m, b, a: bind(l, a)(m, b), loss, model, batch, args)
         check_scalar(out)
+    except NameError as error:
+        clearer = explained(error)
+        if clearer is None:
+            raise
+        raise clearer from error
     except TypeError as error:
         if "required positional argument" not in str(error):
             raise
@@ -430,6 +436,8 @@ def build_plan(request: Request) -> Plan:
         ggn_chunk = _chunk(None, cost.extra_lane_bytes, batch_size, budget)
         route = dataclasses.replace(route, ggn_chunk=ggn_chunk)
     work = cost.total()
+    if not surely_faster_than(work.work, route.name, 1.0):  # a rate worth refining
+        machine_rate(refresh=True)
     progress_every = 0
     if options.progress:  # a report every `REPORT_INTERVAL` seconds of estimated run time
         per_chunk = estimated_seconds(work.work, route.name) / num_chunks
@@ -510,6 +518,7 @@ def runner(request: Request, plan: Plan) -> Callable:
             plan.prediction_shape, options, plan.progress_every,
         )  # fmt: skip
         result = route.run(ctx, plan.chunk)
+        result = place_result(result, options.mesh, per_sample=options.per_sample)
         return result, (all_finite(result) if options.check_finite else None)
 
     return run

@@ -247,7 +247,9 @@ class _Slots:
             if name in fn.__globals__ and _is_float(fn.__globals__[name])
         }
         defaults = [self._take(d) if _is_float(d) else None for d in fn.__defaults__ or ()]
-        kwdefaults = {k: self._take(v) for k, v in (fn.__kwdefaults__ or {}).items() if _is_float(v)}
+        kwdefaults = {
+            k: self._take(v) for k, v in (fn.__kwdefaults__ or {}).items() if _is_float(v)
+        }
         if not (cells or names or any(d is not None for d in defaults) or kwdefaults):
             return None
         return ("function", cells, names, defaults, kwdefaults)
@@ -289,6 +291,25 @@ class _Slots:
         return new
 
 
+def _reraise_explained():
+    """Re-raise the error being handled (the user's loss failed while traced): as a
+    clearer error where it is a known one (`explained`), else with a note saying
+    how curvzoo called the loss."""
+    import sys
+
+    from .._run._checks import explained
+
+    error = sys.exc_info()[1]
+    clearer = explained(error)
+    if clearer is not None:
+        raise clearer from error
+    error.add_note(
+        "(raised while curvzoo traced `loss(model, batch)`: the loss is called with the "
+        "whole model and the whole batch, and must return a real scalar)"
+    )
+    raise error
+
+
 def trace_loss(
     loss, model_layout: Layout, batch_layout: Layout, args_layout: Layout | None
 ) -> tuple[TracedLoss, Any]:
@@ -328,9 +349,12 @@ def trace_loss(
         closed, shape = jax.make_jaxpr(call, return_shape=True)(*inputs, traced_scalars)
     except Exception:  # a float used as a Python value: traced as a constant
         if not scalars:
-            raise
+            _reraise_explained()
         scalars = []
-        closed, shape = jax.make_jaxpr(call, return_shape=True)(*inputs, [])
+        try:
+            closed, shape = jax.make_jaxpr(call, return_shape=True)(*inputs, [])
+        except Exception:
+            _reraise_explained()
     check_scalar(shape)
     rules: list = []
     _custom_rules(closed.jaxpr, rules)

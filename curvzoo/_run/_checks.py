@@ -37,6 +37,33 @@ def check_loss(loss: Any) -> None:
             "`loss` must be a curvzoo loss or a callable `loss(model, batch) -> scalar`, "
             f"got {type(loss).__name__}."
         )
+    module = getattr(loss, "__module__", None) or ""
+    if not isinstance(loss, eqx.Module) and module.split(".")[0] in ("jax", "numpy", "optax"):
+        name = getattr(loss, "__name__", type(loss).__name__)
+        raise TypeError(
+            f"`loss` is `{module}.{name}`, a function of arrays; curvzoo calls "
+            "`loss(model, batch)` with the model and the whole batch. Pass a curvzoo loss "
+            "(`curvzoo.losses.mse`, `curvzoo.losses.cross_entropy`, ...) or a function such "
+            "as `lambda model, batch: jnp.mean((jax.vmap(model)(batch[0]) - batch[1]) ** 2)`."
+        )
+
+
+def explained(error: Exception) -> Exception | None:
+    """A clearer error for a known failure of the user's model or loss while curvzoo
+    traces it, or `None` (then the original error stands, with a note added by the
+    caller). Known: a collective over a named batch axis (`BatchNorm` in training mode
+    averages over `axis_name`, which curvzoo's one-example calls do not bind)."""
+    text = str(error)
+    if isinstance(error, NameError) and "unbound axis name" in text:
+        return ValueError(
+            f"`model` (or `loss`) uses a collective over a named axis ({text.split('.')[0]}): "
+            "an `eqx.nn.BatchNorm` in training mode averages over the batch, which curvzoo's "
+            "calls of the model on one example at a time do not name. Put it in inference "
+            "mode, `model = eqx.nn.inference_mode(model)`, and pass its state with "
+            "`args=state` (a curvzoo loss then calls `model(x, state)`); or compute the "
+            "batch statistics in your loss."
+        )
+    return None
 
 
 def check_batch(batch: PyTree) -> int:
@@ -91,6 +118,11 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> No
         raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
     if value < 1:
         raise ValueError(f"`{name}` must be >= 1, got {value}.")
+    if value > _LARGEST:  # counts go into compiled programs as 32-bit integers
+        raise ValueError(f"`{name}` must be at most 2**31 - 1, got {value}.")
+
+
+_LARGEST = 2**31 - 1
 
 
 def split_trainable(
@@ -190,8 +222,10 @@ def raise_non_finite(trees: dict[str, PyTree], *, results: tuple[str, ...] = ())
     for the trees named in `results` the message says that the inputs were finite and
     the curvature itself overflowed.
     """
+    from ._devices import host_value  # `_devices` imports this module
+
     named = [
-        (name + jax.tree_util.keystr(path), np.asarray(leaf))
+        (name + jax.tree_util.keystr(path), host_value(leaf))
         for name, tree in trees.items()
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
         if eqx.is_inexact_array(leaf)

@@ -25,7 +25,18 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
-from .._dispatch._plan import all_finite, build_plan, duration, Options, Plan, Request, runner
+from .._dispatch._costs import estimated_seconds, surely_faster_than
+from .._dispatch._plan import (
+    all_finite,
+    build_plan,
+    duration,
+    KERNELS,
+    Options,
+    Plan,
+    QUANTITIES,
+    Request,
+    runner,
+)
 from .._dispatch._signature import (
     flatten,
     is_array,
@@ -139,38 +150,53 @@ def prepare(
 
 
 class SlowCurvatureWarning(UserWarning):
-    """A curvature call is estimated to run for more than a minute on the generic
-    kernel, where a faster route may exist. Silence it with
+    """A curvature call is estimated to run for more than a minute (`SLOW_SECONDS`) on
+    this machine, by the same estimate as `curvzoo.plan`'s: every function and kernel
+    warns before it runs (the diagonals on any kernel, Hutchinson's probes, the curvature
+    per time step, the spectral tools' products). Silence it with
     `warnings.filterwarnings("ignore", category=curvzoo.SlowCurvatureWarning)`."""
 
 
-_SLOW = 60.0  # seconds
-_OPTIMISTIC_RATE = 1e12  # operations per second no CPU kernel of ours reaches
+SLOW_SECONDS = 60.0
+
+_FASTER = {
+    "generic": (
+        "Faster routes: a zoo model, or a model whose structure is registered "
+        "(`equinox.nn.MLP`, `equinox.nn.Sequential` of dense and convolutional layers, "
+        "elementwise activations, pooling, a flatten), with a curvzoo loss; the exact GGN "
+        "diagonal (`curvzoo.ggn_diagonal`, a few vector-Jacobian products per sample); or "
+        "an unbiased estimate (`curvzoo.hutchinson_diagonal`, one product per probe)."
+    ),
+    "hutchinson": "Fewer probes cost proportionally less (the error falls as 1/sqrt(probes)).",
+}
+
+
+def warn_if_slow(work: float, kernel: str, what: str, *, stacklevel: int = 3) -> None:
+    """Warn where `work` operations on `kernel` are estimated to take more than
+    `SLOW_SECONDS`. The machine's rate is measured only where even the slowest rate
+    cannot rule that out (`surely_faster_than`: under about 6e8 operations), so a
+    small call pays nothing and no call above the threshold is passed over."""
+    if surely_faster_than(work, kernel, SLOW_SECONDS):
+        return
+    seconds = estimated_seconds(work, kernel)
+    if seconds < SLOW_SECONDS:
+        return
+    advice = _FASTER.get(kernel, "A smaller batch, or a chunk of it, costs proportionally less.")
+    warnings.warn(
+        f"{what}: about {duration(seconds)} on this machine, by `curvzoo.plan`'s estimate. "
+        + advice,
+        SlowCurvatureWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def _warn_if_slow(plan: Plan) -> None:
-    """Warn where the generic kernel is estimated to take more than a minute (the rate
-    of this machine is only measured when the work could possibly take that long)."""
-    if plan.kernel != "generic":
-        return
-    if (plan.multiply_adds + plan.element_ops) / _OPTIMISTIC_RATE < _SLOW:
-        return
-    seconds = plan.seconds
-    if seconds < _SLOW:
-        return
     reason = f" ({plan.reason})" if plan.reason else ""
-    warnings.warn(
-        f"this {plan.quantity} diagonal of {plan.model} (P = {plan.num_params:,}) takes the "
-        f"generic kernel, one Hessian-vector product per parameter{reason}: about "
-        f"{duration(seconds)} on this machine, by `curvzoo.plan`'s estimate. Faster routes: "
-        "a zoo model, or a model whose structure is registered (`equinox.nn.MLP`, "
-        "`equinox.nn.Sequential` of dense and convolutional layers, elementwise "
-        "activations, pooling, a flatten), with a curvzoo loss; the exact GGN diagonal "
-        "(`curvzoo.ggn_diagonal`, a few vector-Jacobian products per sample); or an "
-        "unbiased estimate (`curvzoo.hutchinson_diagonal`, one product per probe).",
-        SlowCurvatureWarning,
-        stacklevel=4,
+    what = (
+        f"this {QUANTITIES[plan.quantity]} of {plan.model} (P = {plan.num_params:,}) takes "
+        f"the {KERNELS[plan.kernel]} kernel{reason}"
     )
+    warn_if_slow(plan.multiply_adds + plan.element_ops, plan.kernel, what, stacklevel=5)
 
 
 def _is_concrete(leaf) -> bool:

@@ -31,7 +31,7 @@ from .._run._checks import check_key, check_positive_int
 from .._run._memory import bytes_per_lane, chunk_from_budget
 from ._lanczos import extend, FLOOR_POWER, random_vectors, work_dtype
 from ._operators import flat_product
-from ._setup import check_finite_result, check_number, prepare
+from ._setup import check_finite_result, check_number, prepare, warn_if_slow
 
 
 class SpectralDensity(eqx.Module):
@@ -221,6 +221,7 @@ def spectral_density(
             f"P = {problem.size}, as the Krylov space has no more dimensions; got "
             f"{num_matvecs}."
         )
+    warn_if_slow(problem, operator, num_probes * num_matvecs, "this spectral density")
     dtype = work_dtype(problem.params)
     probes = random_vectors(key, 2 * num_probes, problem.size, dtype, "rademacher")
     nodes, weights, mean, mean_stderr = slq_kernel(

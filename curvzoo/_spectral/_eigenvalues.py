@@ -36,7 +36,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from .._run._checks import check_key, check_positive_int
 from ._lanczos import dot, extend, FLOOR_POWER, random_vectors, work_dtype
 from ._operators import flat_product
-from ._setup import check_choice, check_finite_result, check_number, prepare
+from ._setup import check_choice, check_finite_result, check_number, prepare, warn_if_slow
 
 
 _WHICH = ("largest", "smallest", "magnitude")
@@ -380,6 +380,8 @@ def hessian_eigenvalues(
             f"each restart leaves room for a new vector; got {krylov_size}."
         )
     keep = min(krylov_size - 1, k + (krylov_size - k) // 2)
+    least = min(krylov_size, max_matvecs)  # one Krylov space at least (up to max_matvecs)
+    warn_if_slow(problem, operator, least, "these eigenvalues, at the least")
     start_vectors = random_vectors(key, 2, size, work_dtype(problem.params), "normal")
     values, vectors, residuals, products, converged = lanczos_kernel(
         problem.params, problem.static, problem.loss, problem.batch, start_vectors,

@@ -6,6 +6,7 @@ what is particular to the spectral functions (the choice of operator, the GGN's 
 for a curvzoo loss, the batch split over a mesh) is here.
 """
 
+import collections
 import importlib
 from collections.abc import Callable
 from types import ModuleType
@@ -15,12 +16,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
+from .._dispatch._costs import profile
 from .._dispatch._plan import check_loss_output
 from .._dispatch._signature import flatten, fresh
 from .._losses import AbstractLoss
+from .._run import _execute as execute
 from .._run._checks import (
     check_batch,
     check_loss,
@@ -29,8 +31,8 @@ from .._run._checks import (
     raise_non_finite,
     split_trainable,
 )
-from .._run._devices import check_mesh, replicate
-from .._run._execute import check_batch_values
+from .._run._devices import check_mesh, host_value, place_batch, replicate
+from .._run._execute import check_batch_values, remember
 from .._run._memory import DEFAULT_MEMORY_BUDGET
 
 
@@ -102,28 +104,6 @@ def _check_loss_output(loss: Callable, model: eqx.Module, batch: PyTree) -> None
         check_batch_values(loss, prediction_shape, batch, model, flatten(model)[1])
 
 
-def _place_batch(batch: PyTree, mesh: Mesh | None, size: int) -> PyTree:
-    """The batch split along its leading axis over all of the mesh's devices, so that
-    the sums over samples in every product become all-reduces (leaves already on the
-    mesh keep their sharding)."""
-    if mesh is None:
-        return batch
-    if size % mesh.size:
-        raise ValueError(
-            f"`batch` has {size} samples, which `mesh` cannot split evenly over its "
-            f"{mesh.size} devices; use a batch size divisible by {mesh.size}."
-        )
-    sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
-
-    def place(leaf):
-        current = getattr(leaf, "sharding", None)
-        if not eqx.is_array(leaf) or (isinstance(current, NamedSharding) and current.mesh == mesh):
-            return leaf
-        return jax.device_put(leaf, sharding)
-
-    return jax.tree.map(place, batch)
-
-
 @eqx.filter_jit
 def _finite_flags(tree: PyTree) -> jax.Array:
     leaves = [leaf for leaf in jax.tree.leaves(tree) if eqx.is_inexact_array(leaf)]
@@ -137,14 +117,14 @@ def check_finite_inputs(model: eqx.Module, batch: PyTree) -> None:
     leaves = [leaf for leaf in jax.tree.leaves(tree) if eqx.is_inexact_array(leaf)]
     if not leaves or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return
-    if not np.asarray(_finite_flags(tree)).all():
+    if not host_value(_finite_flags(tree)).all():
         raise_non_finite({"model": model, "batch": batch})
 
 
 def check_finite_result(values: jax.Array, name: str) -> None:
     """Raise where the inputs were finite but the result is not (the loss or its
     derivatives overflow); skipped under a trace."""
-    if isinstance(values, jax.core.Tracer) or np.all(np.isfinite(np.asarray(values))):
+    if isinstance(values, jax.core.Tracer) or np.all(np.isfinite(host_value(values))):
         return
     raise ValueError(
         f"the result came out non-finite: `{name}` holds NaN or inf although `model` and "
@@ -192,7 +172,36 @@ def prepare(
     _check_loss_output(loss, model, batch)
     if check_finite:
         check_finite_inputs(model, batch)
-    batch = _place_batch(batch, mesh, size)
+    # Split over the mesh, so that the sums over samples in every product become
+    # all-reduces (leaves already on the mesh keep their sharding).
+    batch = place_batch(batch, mesh, split=True, size=size)
     count = sum(int(np.prod(jnp.shape(leaf))) for leaf in jax.tree.leaves(params))
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     return Problem(model, loss, params, static, batch, count, budget)
+
+
+_PRODUCT_WORK: collections.OrderedDict = collections.OrderedDict()  # per layouts
+
+
+def _product_work(problem: Problem, operator: str) -> float:
+    """The operations of one product with the operator, as traced (its linearisation
+    counted with it: an upper bound where the tools linearise once)."""
+    from ._operators import flat_product  # it imports this module
+
+    def one(params, static, loss, batch):
+        flat, _, product = flat_product(operator, params, static, loss, batch)
+        return product(flat)
+
+    return profile(one, problem.params, problem.static, problem.loss, problem.batch).work
+
+
+def warn_if_slow(problem: Problem, operator: str, products: int, what: str) -> None:
+    """`SlowCurvatureWarning` where `products` products with the operator are estimated
+    to take more than a minute (as for the diagonals: `curvzoo._run._execute`). One
+    product's work is traced once per layout of the call."""
+    key = tuple(
+        flatten(part)[1] for part in (problem.params, problem.static, problem.loss, problem.batch)
+    ) + (operator,)
+    work = remember(_PRODUCT_WORK, key, lambda: _product_work(problem, operator))
+    what = f"{what} ({products:,} {operator} products of P = {problem.size:,} on N samples)"
+    execute.warn_if_slow(work * products, "generic", what, stacklevel=4)

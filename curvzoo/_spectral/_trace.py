@@ -29,7 +29,7 @@ from .._run._checks import check_key, check_positive_int
 from .._run._memory import bytes_per_lane, chunk_from_budget
 from ._lanczos import random_vectors, work_dtype
 from ._operators import flat_product
-from ._setup import check_finite_result, prepare
+from ._setup import check_finite_result, prepare, warn_if_slow
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -207,6 +207,8 @@ def hessian_trace(
         model, loss, batch, operator=operator, filter_spec=filter_spec,
         memory_budget=memory_budget, check_finite=check_finite, mesh=mesh,
     )  # fmt: skip
+    used = sketch_size + min(sketch_size, problem.size) + num_probes
+    warn_if_slow(problem, operator, used, "this trace estimate")
     vectors = random_vectors(
         key, sketch_size + num_probes, problem.size, work_dtype(problem.params), "rademacher"
     )
@@ -216,5 +218,4 @@ def hessian_trace(
     )  # fmt: skip
     if check_finite:
         check_finite_result(estimate, "trace")
-    used = sketch_size + min(sketch_size, problem.size) + num_probes
     return TraceEstimate(estimate, stderr, jnp.asarray(used))
