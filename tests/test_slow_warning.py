@@ -7,7 +7,6 @@ probes ran without a word. The warning comes before any work (the suite's
 
 import curvzoo as cz
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest

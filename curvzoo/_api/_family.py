@@ -63,6 +63,10 @@ def ggn_diagonal(
     each trained leaf (its shape and dtype), `None` elsewhere; with `per_sample=True`
     each array gains a leading axis of size `N`.
 
+    **Precision:** as [`curvzoo.hessian_diagonal`][]: each leaf in its parameter's
+    dtype, per-sample terms in the model's precision, sums over samples in at least
+    float32.
+
     **Cost:** never `P` products. The generic route takes, per sample, one forward pass
     and one vector-Jacobian product per column of a square root of `H_n` (`C` columns for
     `C` outputs with MSE and BCE, `C - 1` with cross-entropy; `T` times as many for a
@@ -140,6 +144,10 @@ def empirical_fisher_diagonal(
     each trained leaf, `None` elsewhere; with `per_sample=True` each array gains a
     leading axis of size `N`.
 
+    **Precision:** as [`curvzoo.hessian_diagonal`][]: each leaf in its parameter's
+    dtype, per-sample terms in the model's precision, sums over samples in at least
+    float32.
+
     **Cost:** one gradient column per sample: for `MLP` and `CNN` about two gradients
     (dense layers contract the squared inputs and squared output gradients in one
     matrix product, never forming a per-sample gradient); otherwise one
@@ -203,6 +211,10 @@ def fisher_diagonal(
 
     A PyTree with the structure of `equinox.filter(model, filter_spec)`: the estimate at
     each trained leaf, `None` elsewhere.
+
+    **Precision:** as [`curvzoo.hessian_diagonal`][]: each leaf in its parameter's
+    dtype, per-sample terms in the model's precision, sums over samples in at least
+    float32.
 
     **Cost:** one forward pass to draw the targets, then `num_samples` gradient columns
     per sample, as in [`curvzoo.empirical_fisher_diagonal`][].

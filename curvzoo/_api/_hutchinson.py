@@ -71,6 +71,9 @@ def hutchinson_diagonal(
     each trained leaf, `None` elsewhere. With `return_stderr=True`, a pair
     `(estimate, stderr)` of two such PyTrees.
 
+    **Precision:** each leaf in its parameter's dtype; the probes' products are in the
+    model's precision, their mean and standard error accumulated in at least float32.
+
     **Cost:** one Hessian-vector product per probe, plus with the control variate one
     Gauss-Newton-vector product per probe and one exact GGN diagonal. Measured on the
     `mlp2` benchmark row (`python -m benchmarks --rows probe-cost`): 4.0 gradients per

@@ -54,6 +54,7 @@ from jaxtyping import Array, PyTree
 
 from ._factors import output_factor
 from ._ops import Elementwise, Linear, ParamLayer
+from ._precision import upcast
 from ._samples import AbstractSampleKernel, trained_mask
 
 
@@ -135,7 +136,10 @@ def _pull(op, model, state: _State, u: Array, g_out: Array | None) -> _State | N
         return _State(cols, [], None)
     if isinstance(op, ParamLayer) and op.dense and u.ndim == 1:
         weight = op.layer(model).weight
-        return _State(cols, [(weight, jnp.ones_like(u), state.rdiag)], None)
+        # one weight per row of `W`: `reshape` covers a scalar output (`"scalar"`, a
+        # `(1, in)` weight and a `()` output)
+        rows = state.rdiag.reshape(weight.shape[0])
+        return _State(cols, [(weight, jnp.ones_like(u), rows)], None)
     if isinstance(op, Linear) and op.keeps_diagonal:
         return _State(cols, [], pull(state.rdiag))
     return None
@@ -257,9 +261,12 @@ class LayeredKernel(AbstractSampleKernel):
         for index, piece in zip(self.trainable, pieces):
             if isinstance(piece, _DensePiece):  # the chunk in one matrix product
                 params, static = _split_layer(self.ops[index], model)
+                # in the pieces' (accumulation) precision: the product is linear in the
+                # layer's parameters, so their values do not enter, only their dtype
+                params = upcast(params, piece.hz.dtype)
                 layer_of = lambda p, static=static: eqx.combine(p, static)  # noqa: E731
                 _, vjp = jax.vjp(lambda p: jax.vmap(layer_of(p))(piece.squared_inputs), params)
-                sums.append(vjp(piece.hz * mask[:, None])[0])
+                sums.append(vjp(piece.hz * _along_first(mask, piece.hz))[0])
             else:
                 sums.append(jax.tree.map(lambda leaf: jnp.tensordot(mask, leaf, axes=1), piece))
         return sums

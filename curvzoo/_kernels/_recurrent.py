@@ -100,6 +100,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from ._precision import parameter_dtype
 from ._samples import AbstractSampleKernel, trained_mask
 
 
@@ -181,8 +182,11 @@ def _flat_state(unit_states):
 
 
 def _state_dtype(cells, xs):
-    """The state's dtype: what the cells' arithmetic promotes weights and inputs to."""
-    return jnp.result_type(*[cell.weight_hh for cell in cells], xs)
+    """The state's dtype, as the zoo `RNN` computes it: the cells' precision (their
+    floating-point arrays'), to which it casts its inputs; the inputs' where the cells
+    hold no floating-point array."""
+    dtype = parameter_dtype(cells)
+    return jnp.result_type(xs) if dtype is None else dtype
 
 
 def _run_stack(kind, cells, xs, perturbation=None):

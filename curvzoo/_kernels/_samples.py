@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from ._lanes import chunked
+from ._precision import accumulation_dtype, upcast
 
 
 def trained_mask(params: PyTree) -> PyTree:
@@ -88,11 +89,16 @@ def run_sample_kernel(
 
     `batch` is a PyTree of arrays sharing the leading sample axis. Memory holds one
     chunk's pieces at a time (plus, with `keep_samples`, the stacked result).
+
+    Precision: each sample's pieces are computed in the model's precision; the sums
+    over samples and chunks are accumulated in at least float32 (the pieces of a
+    bfloat16 or float16 model are cast up before the contraction; for float32 and
+    float64 nothing is cast), and the result is cast to each leaf's dtype at the end.
     """
-    dtype = jnp.result_type(*jax.tree.leaves(params))
+    dtype = accumulation_dtype(jnp.result_type(*jax.tree.leaves(params)))
 
     def per_sample(sample):
-        return kernel.pieces(params, static, loss, sample)
+        return upcast(kernel.pieces(params, static, loss, sample), dtype)
 
     def chunk_sum(samples, mask):
         # The scale rides on the mask (every contraction is linear in it), so it

@@ -1,13 +1,35 @@
 import abc
+import dataclasses
 from collections.abc import Callable
-from typing import no_type_check
+from typing import Any, no_type_check
 
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 from .._api._family import empirical_fisher_diagonal, fisher_diagonal, ggn_diagonal
 from .._api._hessian import hessian_diagonal
 from .._api._hutchinson import hutchinson_diagonal
+from .._kernels._ops import Linear
+from .._kernels._precision import in_precision
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cast:
+    dtype: Any
+
+    def __call__(self, u: Array) -> Array:
+        return in_precision(u, self.dtype)
+
+
+def precision_ops(dtype, example) -> list:
+    """The op that a layered structure starts with where the model casts its input
+    (`in_precision`): `[]` when `example` (one input, or its `jax.ShapeDtypeStruct`)
+    already has the model's precision, so that the usual case has no extra op."""
+    given = jnp.result_type(example)
+    if dtype is None or not jnp.issubdtype(given, jnp.floating) or given == dtype:
+        return []
+    return [Linear(_Cast(jnp.dtype(dtype)), "input cast", keeps_diagonal=True)]
 
 
 class AbstractModel(eqx.Module):

@@ -7,7 +7,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._dispatch._structures import Layered, param_layer, pool, structure
 from .._kernels._ops import Elementwise, Linear
-from ._base import AbstractModel
+from .._kernels._precision import in_precision, parameter_dtype
+from ._base import AbstractModel, precision_ops
 
 
 _POOLS = {"max": eqx.nn.MaxPool2d, "avg": eqx.nn.AvgPool2d}
@@ -120,7 +121,8 @@ class CNN(AbstractModel):
     def __call__(self, x: Float[Array, "in_channels height width"]) -> Float[Array, " num_classes"]:
         """**Arguments:**
 
-        - `x`: one image, shape `(in_channels, height, width)`.
+        - `x`: one image, shape `(in_channels, height, width)`; a float image of another
+            dtype is cast to the parameters' (the model computes in its own precision).
 
         **Returns:**
 
@@ -131,6 +133,7 @@ class CNN(AbstractModel):
             raise ValueError(
                 f"CNN expects one image of shape {expected}, got {x.shape}; batch with `jax.vmap`."
             )
+        x = in_precision(x, parameter_dtype(self.convs, self.head))
         for conv in self.convs:
             x = self.pool(self.activation(conv(x)))
         return self.head(x.reshape(-1))
@@ -138,8 +141,7 @@ class CNN(AbstractModel):
 
 @structure.register(CNN)
 def _structure(model: CNN, example) -> Layered:
-    del example
-    ops = []
+    ops = precision_ops(parameter_dtype(model.convs, model.head), example)
     for i in range(len(model.convs)):
         ops.append(param_layer(lambda m, i=i: m.convs[i], model, f"convs[{i}]"))
         ops.append(Elementwise(model.activation, "activation"))

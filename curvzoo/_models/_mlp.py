@@ -7,7 +7,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._dispatch._structures import Layered, param_layer, structure
 from .._kernels._ops import Elementwise
-from ._base import AbstractModel
+from .._kernels._precision import in_precision, parameter_dtype
+from ._base import AbstractModel, precision_ops
 
 
 class MLP(AbstractModel):
@@ -82,7 +83,8 @@ class MLP(AbstractModel):
     def __call__(self, x: Float[Array, " in_size"]) -> Float[Array, " out_size"]:
         """**Arguments:**
 
-        - `x`: one input, shape `(in_size,)`.
+        - `x`: one input, shape `(in_size,)`; a float input of another dtype is cast
+            to the parameters' (the model computes in its own precision).
 
         **Returns:**
 
@@ -93,6 +95,7 @@ class MLP(AbstractModel):
                 f"MLP expects one input of shape ({self.in_size},), got {x.shape}; "
                 "batch with `jax.vmap`."
             )
+        x = in_precision(x, parameter_dtype(self.layers))
         for layer in self.layers[:-1]:
             x = self.activation(layer(x))
         return self.layers[-1](x)
@@ -100,8 +103,7 @@ class MLP(AbstractModel):
 
 @structure.register(MLP)
 def _structure(model: MLP, example) -> Layered:
-    del example
-    ops = []
+    ops = precision_ops(parameter_dtype(model.layers), example)
     for i in range(len(model.layers)):
         ops.append(param_layer(lambda m, i=i: m.layers[i], model, f"layers[{i}]"))
         if i < len(model.layers) - 1:

@@ -4,12 +4,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .._analysis import parameter_groups
 from .._dispatch._structures import Recurrent, structure
+from .._kernels._precision import in_precision, parameter_dtype
 from .._kernels._recurrent import RecurrentChain
+from .._run._devices import host_value
 from ._base import AbstractModel
 
 
@@ -238,7 +239,7 @@ class RNN(AbstractModel):
         a `ValueError` names `batch`."""
         if self.vocab_size is None:
             return
-        tokens = np.asarray(inputs)
+        tokens = host_value(inputs)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(
                 f"`batch` token ids must lie in [0, {self.vocab_size}) (`vocab_size`), got "
@@ -260,7 +261,8 @@ class RNN(AbstractModel):
         """**Arguments:**
 
         - `xs`: one sequence, shape `(T, in_size)`, or with `vocab_size` token ids of
-            shape `(T,)`.
+            shape `(T,)`. Float inputs (and the embeddings) of another dtype are cast to
+            the cells' parameters' dtype: the model computes in its own precision.
         - `length`: optionally the sequence's length (an integer in `[1, T]`): the
             steps from `length` on are padding. The readout `"last"` then reads the state
             at step `length - 1`; `"all"` still returns every step (the losses leave the
@@ -276,8 +278,12 @@ class RNN(AbstractModel):
         if length is not None:
             if jnp.ndim(length) != 0 or not jnp.issubdtype(jnp.result_type(length), jnp.integer):
                 raise TypeError(f"`length` must be one integer (a scalar), got {length!r}.")
+        # The cells' precision (not the head's, whose weight may be a frozen integer
+        # array): float inputs and embeddings are cast to it, so the states keep it.
+        dtype = parameter_dtype(self.cells)
         inputs = self.step_inputs(xs)
-        dtype = self.head.weight.dtype
+        dtype = jnp.result_type(inputs) if dtype is None else dtype
+        inputs = in_precision(inputs, dtype)
         is_lstm = isinstance(self.cell, eqx.nn.LSTMCell)
         h0 = jnp.zeros(self.hidden_size, dtype)
         state0 = tuple((h0, h0) if is_lstm else h0 for _ in range(self.num_layers))
