@@ -12,6 +12,9 @@ from .options import Options
 from .trees import REPO_ROOT, run_worker
 
 
+SUITES = {"gpu": ("research",)}
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -59,8 +62,19 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument(
-        "--rows", default=",".join(rows_.ROWS), help="comma-separated rows to measure, in order"
+        "--rows",
+        default=",".join(row for row in rows_.ROWS if row not in SUITES["gpu"]),
+        help="comma-separated rows to measure, in order",
     )
+    parser.add_argument(
+        "--suite", choices=sorted(SUITES),
+        help="a named set of rows instead of --rows: 'gpu' runs the kernels at research "
+        "sizes (GRU/LSTM 256 units, T = 128; mlp2/CNN at batch 1024) and prints one table",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="the research sizes scaled down to a smoke run (seconds on a CPU)",
+    )  # fmt: skip
     parser.add_argument(
         "--repeats", type=int, default=defaults.repeats,
         help="timed calls per kernel (median reported, after one warm-up call)",
@@ -124,7 +138,10 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str],
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.scaling_cap <= 0:
         p.error("--scaling-cap must be > 0")
-    selected = [row.strip() for row in args.rows.split(",") if row.strip()]
+    if args.suite:
+        selected = list(SUITES[args.suite])
+    else:
+        selected = [row.strip() for row in args.rows.split(",") if row.strip()]
     unknown = [row for row in selected if row not in rows_.ROWS]
     if unknown or not selected:
         p.error(f"--rows: unknown rows {unknown}; rows are {', '.join(rows_.ROWS)}")
@@ -138,6 +155,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str],
         scaling_cap=args.scaling_cap,
         gemm_squares=args.gemm_squares,
         gemm_shapes=args.gemm_shapes,
+        quick=args.quick,
     )
     return args, selected, options
 

@@ -1,6 +1,6 @@
 """Plain-text tables of the rows' results, one layout per family of rows."""
 
-from .rows import family, interface, kernels, memory, recurrent, spectral
+from .rows import family, interface, kernels, memory, plans, recurrent, spectral
 
 
 def verdict(result: dict) -> str:
@@ -28,6 +28,7 @@ def format_results(results: list[dict]) -> str:
     blocks += [interface.format_result(r, verdict(r)) for r in by_row(interface.ROWS)]
     blocks += [recurrent.format_result(r, verdict(r)) for r in by_row(recurrent.ROWS)]
     blocks += [spectral.format_result(r, verdict(r)) for r in by_row(spectral.ROWS)]
+    blocks += [plans.format_result(r, verdict(r)) for r in by_row(plans.ROWS)]
     return "\n\n".join(blocks)
 
 

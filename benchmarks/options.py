@@ -18,6 +18,7 @@ class Options:
       it is timed on a smaller batch and scaled up (per-sample cost is constant).
     - `gemm_squares`: sizes `n` of the square `(n, n) @ (n, n)` products in the `gemm` row.
     - `gemm_shapes`: `(n, T, N)` triples of the batched GEMM in the `gemm` row.
+    - `quick`: the `research` row at small sizes (a smoke run of the GPU suite on a CPU).
     """
 
     repeats: int = 7
@@ -29,6 +30,7 @@ class Options:
     scaling_cap: float = 20.0
     gemm_squares: tuple[int, ...] = (256, 512, 1024)
     gemm_shapes: tuple[tuple[int, int, int], ...] = ((128, 32, 16), (64, 25, 128))
+    quick: bool = False
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,12 +7,14 @@ import time
 from collections.abc import Callable
 
 
-def median_seconds(fn: Callable, repeats: int) -> float:
+def median_seconds(fn: Callable, repeats: int, *, warmup: bool = True) -> float:
     """Median wall time of `repeats` calls of `fn` (each waited for with
-    `jax.block_until_ready`), after one call that compiles and warms up."""
+    `jax.block_until_ready`), after one call that compiles and warms up (with
+    `warmup=False`, none: the caller has made it)."""
     import jax
 
-    jax.block_until_ready(fn())
+    if warmup:
+        jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -76,3 +78,52 @@ def compiled_once_seconds(fn: Callable, *args, rerun_below: float = 1.0) -> floa
 
     first = call()
     return first if first >= rerun_below else call()
+
+
+def current_rss_bytes() -> int:
+    """Resident memory of this process now (`/proc/self/statm`), or its peak
+    (`peak_rss_bytes`) where `/proc` is not there."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as file:
+            return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+def reset_peak_rss() -> bool:
+    """Lower this process's peak resident memory (`ru_maxrss`, `VmHWM`) to its current
+    resident memory, after first handing freed heap memory back to the system
+    (`malloc_trim`), so that `peak_rss_bytes` afterwards is the peak of what runs next:
+    Linux's `/proc/self/clear_refs` (since 4.0). **Returns:** whether it could; where it
+    could not, `peak_rss_bytes` keeps the process's earlier peak (compilation's, say)
+    and a growth measured from it is a lower bound."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def device_memory_stats() -> dict | None:
+    """`bytes_in_use` and `peak_bytes_in_use` of JAX's first device, where its backend
+    keeps them (GPUs and TPUs; `None` on the CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "bytes_in_use" not in stats:
+        return None
+    return {
+        "bytes_in_use": int(stats["bytes_in_use"]),
+        "peak_bytes_in_use": int(stats.get("peak_bytes_in_use", stats["bytes_in_use"])),
+    }

@@ -35,7 +35,8 @@ TINY_GEMM = Options(repeats=1, gemm_squares=(8,), gemm_shapes=((4, 2, 3),))
 
 def test_defaults_and_help(capsys):
     args, selected, options = cli.parse([])
-    assert selected == list(rows.ROWS) and options == Options() and args.ab is None
+    assert selected == [row for row in rows.ROWS if row not in cli.SUITES["gpu"]]
+    assert options == Options() and args.ab is None
     with pytest.raises(SystemExit):
         cli.parse(["--help"])
     text = capsys.readouterr().out
@@ -197,3 +198,38 @@ def test_ab_table():
     assert "HEAD~1 (aaaaaaaaaaaa)" in text and "/tmp/x/baseline/curvzoo" in text
     assert "uncommitted" not in text
     assert text.splitlines()[-1].split()[-3:] == ["4", "3", "0.750"]
+
+
+def test_the_gpu_suite_is_one_command():
+    """`--suite gpu` selects the research row (not run by default); `--quick` scales it
+    down; the research sizes are the issue's (GRU/LSTM 256 units, T = 128; mlp2 and
+    the CNN at batch 1024)."""
+    from benchmarks.cases import research_cases
+
+    _, selected, options = cli.parse(["--suite", "gpu", "--quick"])
+    assert selected == ["research"] and options.quick
+    full = {(c.name, c.function): dict(c.sizes) for c in research_cases()}
+    assert full[("gru", "hessian")] == {"hidden": 256, "steps": 128, "batch": 256}
+    assert full[("lstm", "ggn")]["hidden"] == 256 and full[("cnn", "hessian")]["batch"] == 1024
+    assert full[("mlp2", "ggn")]["batch"] == 1024
+    assert all(c.gradient for c in research_cases(quick=True))
+
+
+def test_a_plan_accuracy_case_in_its_own_process():
+    """One case as the plan rows run it (a process of its own): the plan's figures
+    beside the measured ones, summarised and formatted into the table."""
+    from benchmarks import accuracy
+    from benchmarks.cases import Case
+    from benchmarks.rows import plans
+
+    case = Case("tiny", "mlp2", "hessian", (), (("batch", 4),), "ce", True, "research")
+    result = accuracy.run_case(case, seed=0, repeats=2)
+    assert "error" not in result, result
+    assert result["kernel"] == "layered" and result["batch"] == 4
+    assert result["measured_s"] > 0 and result["estimated_s"] > 0 and result["gradient_s"] > 0
+    assert result["time_ratio"] == result["estimated_s"] / result["measured_s"]
+    assert result["memory_counted"] in (True, False) and result["compiled_bytes"] > 0
+    table = plans.format_result(
+        {"row": "research", "cases": [result], "device": "cpu", "target_met": None}, ""
+    )
+    assert "tiny" in table and "est/meas" in table and "grad ms" in table

@@ -210,12 +210,14 @@ def test_per_sample_with_chunks_that_pad(name):
 # ## `memory_budget` sets the chunk
 
 
-def _lane_bytes(quantity, model, loss, batch, **options) -> int:
-    """Working memory per lane, from the plans of chunks of one and of two lanes."""
-    one = _plan(quantity, model, loss, batch, chunk_size=1, **options).memory_bytes
+def _budget_of(lanes, quantity, model, loss, batch, **options) -> int:
+    """A budget for a chunk of `lanes` lanes: a chunk's fixed working memory and the
+    lanes', from the plans of chunks of one and of two lanes (half a lane to spare)."""
+    one = _plan(quantity, model, loss, batch, chunk_size=1, **options)
     two = _plan(quantity, model, loss, batch, chunk_size=2, **options).memory_bytes
-    assert two > one
-    return two - one
+    lane = two - one.memory_bytes
+    assert lane > 0
+    return one.memory_bytes - one.shared_bytes + (lanes - 1) * lane + lane // 2
 
 
 BUDGETS = {
@@ -234,9 +236,14 @@ def test_memory_budget_that_pads(name):
     quantity, model_name, method, kernel, lanes = BUDGETS[name]
     model, batch, spec = _setup(model_name)
     options = dict(method=method, filter_spec=spec)
-    budget = lanes * _lane_bytes(quantity, model, CE, batch, **options)
+    budget = _budget_of(lanes, quantity, model, CE, batch, **options)
     plan = _plan(quantity, model, CE, batch, memory_budget=budget, **options)
-    assert plan.kernel == kernel and plan.chunk == lanes
+    assert plan.kernel == kernel
+    # The chunk's working set, counted on the chunk as it runs, is within the budget. A
+    # chunk of vmapped basis vectors grows a little faster than linearly at this tiny
+    # size, so the generic kernel may take one lane fewer than the extrapolation.
+    assert plan.memory_bytes - plan.shared_bytes <= budget
+    assert plan.chunk == lanes or (kernel == "generic" and plan.chunk == lanes - 1)
     count = plan.num_params if kernel == "generic" else BATCH_SIZE
     _assert_pads(plan, "basis vectors" if kernel == "generic" else "samples", count)
     result = _call(quantity, model, CE, batch, memory_budget=budget, **options)
@@ -266,8 +273,8 @@ def test_hutchinson_against_the_hand_written_estimate(model_name, control_variat
         # them. The budget is that of two of that kernel's samples.
         route = cz.plan(model, CE, batch, quantity="hutchinson", **plan_options).route
         method = "generic" if route.ggn.name == "vjp" else "structured"
-        lane = _lane_bytes("ggn", model, CE, batch, filter_spec=spec, method=method)
-        options["memory_budget"] = plan_options["memory_budget"] = CHUNK * lane
+        budget = _budget_of(CHUNK, "ggn", model, CE, batch, filter_spec=spec, method=method)
+        options["memory_budget"] = plan_options["memory_budget"] = budget
     plan = cz.plan(model, CE, batch, quantity="hutchinson", **plan_options)
     _assert_pads(plan, "probes", NUM_PROBES)
     if control_variate is not None:

@@ -62,8 +62,8 @@ def test_small_calls_do_not_warn_or_measure(monkeypatch):
     """Below the floor's reach nothing is measured: a small call pays no rate
     measurement."""
     measured = []
-    original = _costs._measure_rate
-    monkeypatch.setattr(_costs, "_measure_rate", lambda: measured.append(1) or original())
+    original = _costs._measure_rates
+    monkeypatch.setattr(_costs, "_measure_rates", lambda: measured.append(1) or original())
     monkeypatch.setitem(_costs._RATE, "measured", 0)
     cz.hessian_diagonal(_SMALL, _CE, (_X, _LABELS))  # no warning: an error in this suite
     assert not measured
@@ -71,11 +71,37 @@ def test_small_calls_do_not_warn_or_measure(monkeypatch):
 
 @pytest.mark.parametrize("kernel", sorted(_costs.EFFICIENCY))
 def test_the_pre_filter_cannot_pass_over_a_slow_call(kernel):
-    """Whatever the work, if the estimate at the measured rate is a minute or more, the
-    pre-filter does not rule it out (the floor is below the measured rate)."""
-    rate = _costs.machine_rate()
-    assert rate > _costs._SLOWEST_RATE
+    """Whatever the work and its mix (products, convolutions, element operations,
+    steps), if the estimate at the measured rates is a minute or more, the pre-filter
+    does not rule it out (each floor is below the measured rate)."""
+    rates = _costs.machine_rates()
+    floor = _costs._SLOWEST
+    assert rates.matmul > floor.matmul and rates.convolution > floor.convolution
+    assert rates.elementwise > floor.elementwise and rates.step < floor.step
     for exponent in range(6, 16):
-        work = 10.0**exponent
-        if _costs.estimated_seconds(work, kernel) >= 60.0:
-            assert not _costs.surely_faster_than(work, kernel, 60.0)
+        size = 10.0**exponent
+        for work in (
+            _costs.Profile(size, 0.0, 0),
+            _costs.Profile(size, 0.0, 0, convolutions=size),
+            _costs.Profile(0.0, size, 0),
+            _costs.Profile(0.0, 0.0, 0, steps=size / 1e4),
+            _costs.Profile(size, size, 0, convolutions=size / 2, steps=size / 1e6),
+        ):
+            if _costs.estimated_seconds(work, kernel) >= 60.0:
+                assert not _costs.surely_faster_than(work, kernel, 60.0)
+
+
+def test_the_rates_are_measured_even_inside_a_trace():
+    """A plan made while `jax.jit` traces (the user's jitted step) measures the machine
+    for real: its probes' inputs were JAX arrays made under the trace, which leaked
+    out of it (an `UnexpectedTracerError` in the next jitted call)."""
+    import jax
+
+    @jax.jit
+    def traced(x):
+        rates = _costs._measure_rates()
+        assert 1e8 < rates.matmul < 1e16 and 0 < rates.step < 1e-2
+        return x + 1
+
+    traced(jnp.ones(3))
+    assert _costs._measure_rates().matmul > 1e8  # outside again: no leaked tracer

@@ -9,6 +9,7 @@ from . import (
     kernels,
     memory,
     overhead,
+    plans,
     ratios,
     recurrent,
     scaling,
@@ -27,6 +28,7 @@ _MODULES = (
     interface,
     recurrent,
     spectral,
+    plans,
 )
 ROWS = tuple(row for module in _MODULES for row in module.ROWS)
 

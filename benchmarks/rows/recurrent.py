@@ -25,6 +25,7 @@ import equinox as eqx
 import jax
 import jax.random as jr
 
+from ..cases import RATE_SHAPES  # (cell, input, hidden, steps, batch, outputs)
 from ..gemm import batched_gemm_rate
 from ..hvp import hvp_diagonal_prefix, kernel_chunk
 from ..models import num_params
@@ -42,12 +43,6 @@ SUMMARY = {
     "rate (target >= 50%)",
     "stacked-lm": "2-layer GRU token model with lengths: structured vs generic (extrapolated); "
     "1-layer H=128 beside it (slow: a minute)",
-}
-# (cell, input, hidden, steps, batch, outputs)
-RATE_SHAPES = {
-    "rate-gru": ("gru", 8, 128, 32, 16, 10),
-    "rate-lstm": ("lstm", 8, 64, 32, 16, 10),
-    "rate-main": ("gru", 2, 64, 25, 128, 1),
 }
 RATE_TARGET = 0.5
 GEMM_REPEATS = 20
@@ -105,7 +100,9 @@ def rate(row: str, options: Options) -> dict:
     }
 
 
-def _language_model(layers: int, hidden: int, seed: int):
+def language_model(layers: int, hidden: int, seed: int):
+    """`(model, (tokens, targets, lengths))`: the `stacked-lm` row's GRU token model with
+    `layers` layers of `hidden` units, and its batch (`LM`)."""
     import curvzoo as cz
 
     key_model, key_x, key_y, key_len = jr.split(jr.key(seed), 4)
@@ -126,7 +123,7 @@ def stacked(options: Options) -> dict:
     loss = cz.losses.CrossEntropy(reduction="sum")
     result = {"row": "stacked-lm", **LM}
     for name, layers, hidden in (("stacked", 2, LM["hidden"]), ("flat", 1, 2 * LM["hidden"])):
-        model, batch = _language_model(layers, hidden, options.seed)
+        model, batch = language_model(layers, hidden, options.seed)
 
         def call(model=model, batch=batch):
             return model.hessian_diagonal(loss, batch, method="structured")
@@ -135,7 +132,7 @@ def stacked(options: Options) -> dict:
         result[f"{name}_first_call_s"] = _timed_first(call)
         result[f"{name}_s"] = median_seconds(call, max(1, options.repeats // 2))
         result[f"{name}_plan_multiply_adds"] = cz.plan(model, loss, batch).multiply_adds
-    model, batch = _language_model(2, LM["hidden"], options.seed)
+    model, batch = language_model(2, LM["hidden"], options.seed)
     grad = eqx.filter_jit(eqx.filter_grad(loss))
     gradient = median_seconds(lambda: grad(model, batch), options.repeats)
     count = min(GENERIC_BASIS, kernel_chunk(model, loss, batch))

@@ -1,6 +1,7 @@
 """`curvzoo.time_step_curvature`: where in time the loss of a recurrent model is curved."""
 
 import collections
+import dataclasses
 from typing import no_type_check
 
 import equinox as eqx
@@ -65,7 +66,7 @@ def _setup(model, loss, batch, quantity: str, site: str, size: int, options):
     """`(chain, prediction_shape, chunk, work)`: the model's recurrent structure, the
     batch of predictions' shape (targets checked against it), the chunk of samples, from
     `chunk_size` or from one sample's working set (traced, not run) and the budget, and
-    the call's operations (one sample's, as traced, times the batch)."""
+    the call's work (a `Profile`: one sample's, as traced, times the batch)."""
     chain = _chain_of(model, batch)
     prediction_shape = loss.prediction_shape(model, batch)
     if chain.readout == "all" and AbstractStepwiseLoss not in type(loss).__mro__:
@@ -77,7 +78,9 @@ def _setup(model, loss, batch, quantity: str, site: str, size: int, options):
         lambda m, l, x: _one_sample(chain, quantity, site, m, l, x), model, loss, _one(tuple(batch))
     )
     chunk = options.chunk_size or max(1, min(size, options.memory_budget // max(lane.bytes, 1)))
-    return chain, prediction_shape, int(chunk), lane.work * size
+    # the samples of a chunk side by side: its steps are one sample's, once per chunk
+    work = dataclasses.replace(lane * size, steps=lane.steps * -(-size // int(chunk)))
+    return chain, prediction_shape, int(chunk), work
 
 
 @eqx.filter_jit

@@ -36,7 +36,7 @@ from .._run._checks import check_batch, explained
 from .._run._devices import place_result
 from .._run._memory import DEFAULT_MEMORY_BUDGET
 from .._run._progress import INTERVAL as REPORT_INTERVAL
-from ._costs import estimated_seconds, machine_rate, surely_faster_than
+from ._costs import estimated_seconds, machine_rates, Profile, surely_faster_than
 from ._routes import bind, Context, GenericRoute, HutchinsonRoute, SampleRoute
 from ._signature import cached_hash, check_scalar, Layout, TracedLoss, WithArgs
 from ._structures import describe, Layered, Recurrent, Unsupported
@@ -149,11 +149,20 @@ class Plan:
         `"probes"`): `num_chunks` chunks of `chunk` lanes.
     - `multiply_adds` and `element_ops`: the estimated matrix-product multiply-adds and
         other arithmetic, counted on the kernel's traced program.
-    - `memory_bytes`: the estimated peak working memory (an upper bound): `shared_bytes`
-        that every chunk uses (the batch's activations, a linearisation), plus one
-        chunk's, which `memory_budget` bounds.
+    - `memory_bytes`: the estimated peak of the memory the call allocates (its inputs
+        exist before it): `shared_bytes` for the result and what every
+        chunk uses (the running sums, a linearisation of the whole batch), which no
+        budget bounds, plus one chunk's working set, which `memory_budget` bounds (it
+        sets the chunk; a single lane above it, or a `chunk_size`, can exceed it). The
+        working set of a program is counted as the most its intermediates hold at once
+        in program order (`benchmarks`' `plan-accuracy` row checks it against the
+        measured growth).
+    - `work`: the counted work as a whole (`_costs.Profile`: also the convolutions'
+        share of the multiply-adds and the steps run one after another).
     - `seconds` (a property): the estimated run time, from this machine's measured
-        matrix-multiply rate and the kernel's efficiency in the benchmark.
+        rates (matrix products, convolutions, element operations, and the latency of
+        a step) and the kernel's efficiency, calibrated on the benchmark's
+        `plan-accuracy` row (`_costs.estimated_seconds`).
     """
 
     quantity: str
@@ -172,13 +181,14 @@ class Plan:
     shared_bytes: int = 0
     extra: str | None = None
     progress_every: int = 0
+    work: Profile = dataclasses.field(default=None, compare=False, repr=False)
     route: object = dataclasses.field(default=None, compare=False)
     prediction_shape: tuple | None = dataclasses.field(default=None, compare=False)
 
     @property
     def seconds(self) -> float:
         """The estimated run time in seconds, compilation excluded."""
-        return estimated_seconds(self.multiply_adds + self.element_ops, self.kernel)
+        return estimated_seconds(self.work, self.kernel)
 
     def __repr__(self) -> str:
         kernel = KERNELS[self.kernel]
@@ -196,13 +206,35 @@ class Plan:
         lines += [
             f"  cost     {self.multiply_adds:.3g} multiply-adds and {self.element_ops:.3g} "
             f"other operations: about {duration(self.seconds)} on this machine",
-            f"  chunks   {self.num_chunks:,} of {self.chunk:,} {self.lanes}; about "
-            f"{_mebibytes(self.memory_bytes)} of working memory: "
-            f"{_mebibytes(self.shared_bytes)} shared, and a chunk's within a "
-            f"{_mebibytes(self.memory_budget)} budget",
+            f"  chunks   {self.num_chunks:,} of {self.chunk:,} {self.lanes}",
+            f"  memory   {self.memory_text()}",
             ")",
         ]
         return "\n".join(lines)
+
+    def memory_text(self) -> str:
+        """The memory estimate as one statement: the whole, what `memory_budget` bounds
+        (one chunk's working set) and what it cannot (the result and what every chunk
+        shares), and whether the chunk is within the budget."""
+        chunk_bytes = self.memory_bytes - self.shared_bytes
+        budget = f"the {_mebibytes(self.memory_budget)} `memory_budget`"
+        one = _ONE_LANE.get(self.lanes, self.lanes)
+        lanes = f"{self.chunk:,} {self.lanes}" if self.chunk > 1 else one
+        if chunk_bytes <= self.memory_budget:
+            bound = f"{budget} bounds it"
+        elif self.chunk == 1:
+            bound = f"above {budget}: {one} alone needs more"
+        else:
+            bound = f"above {budget}: `chunk_size` set the chunk"
+        return (
+            f"about {_mebibytes(self.memory_bytes)} at the peak: "
+            f"{_mebibytes(chunk_bytes)} for a chunk of {lanes} ({bound}) and "
+            f"{_mebibytes(self.shared_bytes)} for the result and what the chunks share "
+            "(no budget bounds it)"
+        )
+
+
+_ONE_LANE = {"samples": "one sample", "basis vectors": "one basis vector", "probes": "one probe"}
 
 
 def duration(seconds: float) -> str:
@@ -354,8 +386,8 @@ def _pick(ctx: Context, model, trained_tree, kernel_quantity: str, general, meth
             )
         return general, reason
     if route.name == "recurrent" and method == "auto":
-        mine, theirs = route.cost(ctx).total(), general.cost(ctx).total()
-        if estimated_seconds(mine.work, "recurrent") > estimated_seconds(theirs.work, general.name):
+        mine, theirs = (_work(r.cost(ctx), ctx.options) for r in (route, general))
+        if estimated_seconds(mine, "recurrent") > estimated_seconds(theirs, general.name):
             return general, (
                 f"the recurrent kernel's estimated time here is above the {KERNELS[general.name]}"
                 f" kernel's ({mine.work:.3g} against {theirs.work:.3g} operations)"
@@ -375,10 +407,27 @@ def _type_name(model) -> str:
     return ".".join(public + [cls.__qualname__]) if public else cls.__qualname__
 
 
-def _chunk(requested: int | None, lane_bytes: int, total: int, budget: int) -> int:
+def _work(cost, options) -> Profile:
+    """`cost`'s whole work in the chunks `memory_budget` (or `chunk_size`) makes."""
+    chunk = _chunk(cost, options.chunk_size, options.memory_budget)
+    extra = 1 if cost.extra is None else _chunk(cost.extra, None, options.memory_budget)
+    return cost.total(chunk, extra)
+
+
+def _chunk(cost, requested: int | None, budget: int) -> int:
+    """The chunk of lanes: `requested` (`chunk_size`) where given; else the most lanes
+    whose working set fits `budget`, from chunks of one and two lanes, and checked on
+    the chunk as it will run (`Cost.chunk_bytes`), smaller where that is above it."""
     if requested is not None:
-        return max(1, min(requested, total))
-    return max(1, min(total, budget // max(lane_bytes, 1)))
+        return max(1, min(requested, cost.count))
+    room = budget - cost.chunk_fixed.bytes
+    chunk = max(1, min(cost.count, room // max(cost.lane.bytes, 1)))
+    for _ in range(4):
+        used = cost.chunk_bytes(chunk)
+        if chunk == 1 or used <= budget:
+            break
+        chunk = max(1, min(chunk - 1, math.floor(chunk * budget / used)))
+    return chunk
 
 
 # Hutchinson's probes per chunk are also bounded by their work: each probe is a
@@ -426,21 +475,22 @@ def build_plan(request: Request) -> Plan:
     route, reason = _choose(ctx, model, trained_tree)
     cost = route.cost(ctx)
     budget = options.memory_budget
-    chunk = _chunk(options.chunk_size, cost.lane.bytes, cost.count, budget)
+    chunk = _chunk(cost, options.chunk_size, budget)
     if isinstance(route, HutchinsonRoute) and options.chunk_size is None:
         chunk = min(chunk, _probe_chunk(cost.count, cost.lane.work))
     multiple = 1 if options.mesh is None else options.mesh.size
     chunk, num_chunks = even_chunks(cost.count, chunk, multiple)
-    memory = cost.shared.bytes + chunk * cost.lane.bytes
+    ggn_chunk = 1
     if isinstance(route, HutchinsonRoute) and route.ggn is not None:
-        ggn_chunk = _chunk(None, cost.extra_lane_bytes, batch_size, budget)
+        ggn_chunk = _chunk(cost.extra, None, budget)
         route = dataclasses.replace(route, ggn_chunk=ggn_chunk)
-    work = cost.total()
-    if not surely_faster_than(work.work, route.name, 1.0):  # a rate worth refining
-        machine_rate(refresh=True)
+    memory = cost.memory(chunk, ggn_chunk)
+    work = cost.total(chunk, ggn_chunk, num_chunks)
+    if not surely_faster_than(work, route.name, 1.0):  # a rate worth refining
+        machine_rates(refresh=True)
     progress_every = 0
     if options.progress:  # a report every `REPORT_INTERVAL` seconds of estimated run time
-        per_chunk = estimated_seconds(work.work, route.name) / num_chunks
+        per_chunk = estimated_seconds(work, route.name) / num_chunks
         progress_every = max(1, min(num_chunks, math.ceil(REPORT_INTERVAL / max(per_chunk, 1e-9))))
     return Plan(
         quantity=quantity,
@@ -454,6 +504,7 @@ def build_plan(request: Request) -> Plan:
         num_chunks=num_chunks,
         multiply_adds=work.multiply_adds,
         element_ops=work.element_ops,
+        work=work,
         memory_bytes=int(memory),
         memory_budget=budget,
         shared_bytes=int(cost.shared.bytes),

@@ -8,6 +8,7 @@ runs the kernel on a call's (traced) inputs with the chunk the plan chose. The p
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -20,7 +21,8 @@ from .._kernels._generic import (
     hessian_vector_product,
 )
 from .._kernels._hutchinson import hutchinson_kernel, probe_product
-from .._kernels._samples import AbstractSampleKernel, run_sample_kernel
+from .._kernels._precision import accumulation_dtype
+from .._kernels._samples import AbstractSampleKernel, chunk_function, run_sample_kernel
 from .._losses import batch_parts, reduction_factor
 from ._costs import Profile, profile
 
@@ -67,26 +69,79 @@ def bind(loss, args):
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
+    """A kernel's cost in parts: `shared` once, and `count` lanes run in chunks (a
+    chunk's lanes side by side, `jax.vmap`ped), then a second kernel (`extra`: the
+    control variate's exact GGN, in chunks of its own).
+
+    The memory of a chunk of `n` lanes is `chunk_fixed.bytes + n * lane.bytes` (from
+    chunks of one and two lanes: it chooses the chunk). Its work is read off the chunk
+    as it will run, `chunk_work(n)` (a product's rate depends on its size: a chunk of
+    one sample's pieces contracts over one entry, one of 128 over 128), or, where no
+    `chunk_work` is given, `chunk_fixed + n * lane` with the steps of one lane."""
+
     shared: Profile  # done once
     lane: Profile  # done per lane
     lanes: str  # what a lane is
     count: int  # how many lanes
-    extra: Profile | None = None  # a second part (the control variate's exact GGN)
+    chunk_fixed: Profile = Profile(0.0, 0.0, 0)  # done per chunk, whatever its size
+    extra: "Cost | None" = None  # a second part (the control variate's exact GGN)
     extra_text: str | None = None
-    extra_lane_bytes: int = 0
+    extra_beside: int = 0  # bytes the first part leaves live while the second runs
+    chunk_work: Callable[[int], Profile] | None = dataclasses.field(default=None, compare=False)
 
-    def total(self) -> Profile:
-        work = self.shared + self.lane * self.count
-        return work if self.extra is None else work + self.extra
+    def per_chunk(self, chunk: int) -> Profile:
+        """The work of one chunk of `chunk` lanes."""
+        if self.chunk_work is not None:
+            return self.chunk_work(chunk)
+        lanes = dataclasses.replace(self.lane * chunk, steps=self.lane.steps)
+        return self.chunk_fixed + lanes
+
+    def total(self, chunk: int, extra_chunk: int = 1, num_chunks: int | None = None) -> Profile:
+        """The whole work in `num_chunks` chunks of `chunk` lanes (by default as many as
+        `count` needs: the kernels pad the last), and the second part's in chunks of
+        `extra_chunk`."""
+        if num_chunks is None:
+            num_chunks = -(-self.count // chunk)
+        work = self.shared + self.per_chunk(chunk) * num_chunks
+        return work if self.extra is None else work + self.extra.total(extra_chunk)
+
+    def chunk_bytes(self, chunk: int) -> int:
+        """One chunk's working set: counted on the chunk as it will run where
+        `chunk_work` is given, else `chunk_fixed` and `chunk` lanes."""
+        if self.chunk_work is not None:
+            return self.chunk_work(chunk).bytes
+        return self.chunk_fixed.bytes + chunk * self.lane.bytes
+
+    def memory(self, chunk: int, extra_chunk: int = 1) -> int:
+        """The peak bytes for chunks of `chunk` lanes: the shared part and one chunk's
+        working set (counted on the chunk as it will run, where `chunk_work` is given),
+        or the second part's peak in chunks of `extra_chunk` beside the
+        first part's results (`extra_beside`), where that is larger (it runs after the
+        chunks)."""
+        own = self.shared.bytes + self.chunk_bytes(chunk)
+        if self.extra is None:
+            return own
+        return max(own, self.extra_beside + self.extra.memory(extra_chunk))
 
 
-def _abstract_first(tree):
-    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), tree)
+def _abstract_leading(tree, size: int):
+    """`tree`'s arrays as `jax.ShapeDtypeStruct`s with a leading axis of `size`."""
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct((size, *leaf.shape[1:]), leaf.dtype), tree
+    )
 
 
-def _tree_bytes(tree) -> int:
+def _tree_bytes(tree, at_least=None) -> int:
+    """The bytes of `tree`'s arrays (or `jax.ShapeDtypeStruct`s); with `at_least`, of
+    their floating-point ones promoted to that dtype (sums kept in float32)."""
+
+    def itemsize(dtype):
+        if at_least is not None and jnp.issubdtype(dtype, jnp.floating):
+            dtype = jnp.promote_types(dtype, at_least)
+        return jnp.dtype(dtype).itemsize
+
     return sum(
-        math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+        math.prod(leaf.shape) * itemsize(leaf.dtype)
         for leaf in jax.tree.leaves(tree)
         if hasattr(leaf, "shape")
     )
@@ -134,12 +189,43 @@ class SampleRoute:
         return ctx.batch
 
     def cost(self, ctx: Context) -> Cost:
-        one = _abstract_first(self.samples(ctx))
-        lane = profile(
-            lambda p, s, l, x: self.kernel.pieces(p, s, l, x), ctx.params, ctx.static, ctx.loss, one
+        # A chunk of two samples less a chunk of one: what each sample adds (its pieces,
+        # its share of the contraction); the rest is each chunk's own, whatever its
+        # size (what depends on the parameters only, such as a squared weight matrix).
+        keep = ctx.options.per_sample
+        samples = self.samples(ctx)
+        dtype = accumulation_dtype(jnp.result_type(*jax.tree.leaves(ctx.params)))
+
+        def chunk_of(size):
+            lanes = _abstract_leading(samples, size)
+            mask = jax.ShapeDtypeStruct((size,), dtype)
+
+            def run(params, static, loss, lanes, mask):
+                fn = chunk_function(self.kernel, params, static, loss, scale=1.0, keep_samples=keep)
+                return fn(lanes, mask)
+
+            return profile(run, ctx.params, ctx.static, ctx.loss, lanes, mask)
+
+        one, two = chunk_of(1), chunk_of(2)
+        lane = two.minus(one)
+        fixed = one.minus(lane)
+        work = {1: one, 2: two}
+        # Beside the chunks: the running sums (at least float32) and the result, `N`
+        # of them with `per_sample` (the batch and the parameters exist before the call)
+        results = ctx.batch_size if ctx.options.per_sample else 1
+        sums = _tree_bytes(ctx.params, at_least=jnp.float32)
+        # ... and each result written once more (stacked, cast), an operation per entry
+        entries = results * sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(ctx.params))
+        shared = Profile(0.0, float(entries), sums + results * _tree_bytes(ctx.params))
+
+        def chunk_work(size):
+            if size not in work:
+                work[size] = chunk_of(size)
+            return work[size]
+
+        return Cost(
+            shared, lane, "samples", ctx.batch_size, chunk_fixed=fixed, chunk_work=chunk_work
         )
-        shared = Profile(0.0, 0.0, _tree_bytes((ctx.params, ctx.batch)))
-        return Cost(shared, lane, "samples", ctx.batch_size)
 
     def run(self, ctx: Context, chunk: int):
         keep = ctx.options.per_sample
@@ -160,6 +246,37 @@ def _draw_dtype(ctx: Context):
 
     shapes = eqx.filter_eval_shape(draw, ctx.loss, model, ctx.batch[0], lengths)
     return shapes.dtype
+
+
+def _vector_chunks(build, ctx: Context, batch, base: Profile, times: int = 1):
+    """`Cost.chunk_work` for a route whose lane is a product with one flat vector:
+    `build(params, static, loss, batch, args) -> (flat, product)`, the product
+    `jax.vmap`ped over `n` vectors, traced whole less the building (`base`), `times`
+    over (once per sample with `per_sample`)."""
+    found: dict = {}
+
+    def work(n):
+        if n not in found:
+
+            def whole(params, static, loss, batch, args):
+                flat, product = build(params, static, loss, batch, args)
+                return jax.vmap(product)(jnp.zeros((n, flat.size), flat.dtype))
+
+            traced = profile(whole, ctx.params, ctx.static, ctx.loss, batch, ctx.args)
+            found[n] = traced.minus(base) * times
+        return found[n]
+
+    return work
+
+
+def _lane_memory(lane: Profile, chunks) -> tuple[Profile, Profile]:
+    """`(lane, chunk_fixed)` with the memory of the chunks as they run: a lane's bytes
+    the difference of chunks of two and one, the rest of a chunk of one fixed (as
+    `SampleRoute.cost` has them), so that the budget and the estimate agree."""
+    one, two = chunks(1), chunks(2)
+    each = max(0, two.bytes - one.bytes)
+    fixed = Profile(0.0, 0.0, max(0, one.bytes - each))
+    return dataclasses.replace(lane, bytes=each), fixed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,17 +301,28 @@ class GenericRoute:
     def cost(self, ctx: Context) -> Cost:
         found = {}
 
-        def shared(params, static, loss, batch, args):
+        def build(params, static, loss, batch, args):
             flat, _, hvp = hessian_vector_product(params, static, bind(loss, args), batch)
-            found["lane"] = profile(lambda v: hvp(v)[0], flat)
+            return flat, lambda v: hvp(v)[0]
+
+        def shared(params, static, loss, batch, args):
+            flat, product = build(params, static, loss, batch, args)
+            found["lane"] = profile(product, flat)
             return flat
 
         base = profile(shared, ctx.params, ctx.static, ctx.loss, self._batch(ctx), ctx.args)
         lane = found["lane"]
+        times = ctx.batch_size if self.per_sample else 1
+        chunks = _vector_chunks(build, ctx, self._batch(ctx), base, times)
         count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(ctx.params))
-        if self.per_sample:  # P products for each sample
-            return Cost(base * ctx.batch_size, lane * ctx.batch_size, "basis vectors", count)
-        return Cost(base, lane, "basis vectors", count)
+        # the linearisation (one sample's with `per_sample`), the flat diagonal and the
+        # result: `N` of both with `per_sample`
+        results = ctx.batch_size if self.per_sample else 1
+        base = dataclasses.replace(base, bytes=base.bytes + 2 * results * _tree_bytes(ctx.params))
+        if self.per_sample:  # P products for each sample, one sample after another
+            base, lane = base * ctx.batch_size, lane * ctx.batch_size
+        lane, fixed = _lane_memory(lane, chunks)
+        return Cost(base, lane, "basis vectors", count, fixed, chunk_work=chunks)
 
     def run(self, ctx: Context, chunk: int):
         kernel = (
@@ -217,21 +345,33 @@ class HutchinsonRoute:
     def cost(self, ctx: Context) -> Cost:
         found = {}
 
-        def shared(params, static, loss, batch, args):
+        def build(params, static, loss, batch, args):
             flat, _, product = probe_product(
                 params, static, bind(loss, args), batch, self.ggn is not None
             )
-            found["lane"] = profile(lambda v: v * product(v), flat)
+            return flat, lambda v: v * product(v)
+
+        def shared(params, static, loss, batch, args):
+            flat, product = build(params, static, loss, batch, args)
+            found["lane"] = profile(product, flat)
             return flat
 
         base = profile(shared, ctx.params, ctx.static, ctx.loss, ctx.batch, ctx.args)
+        chunks = _vector_chunks(build, ctx, ctx.batch, base)
+        # the linearisation, three running sums (float32 at least: count, sum, squares)
+        # and the estimate and its standard error
+        params = ctx.params
+        extra = 2 * _tree_bytes(params, at_least=jnp.float32) + 2 * _tree_bytes(params)
+        base = dataclasses.replace(base, bytes=base.bytes + extra)
+        probes = ctx.options.num_probes
+        lane, fixed = _lane_memory(found["lane"], chunks)
         if self.ggn is None:
-            return Cost(base, found["lane"], "probes", ctx.options.num_probes)
+            return Cost(base, lane, "probes", probes, fixed, chunk_work=chunks)
         ggn = self.ggn.cost(dataclasses.replace(ctx, quantity="ggn"))
         text = f"the exact GGN diagonal ({self.ggn.kernel.label})"
         return Cost(
-            base, found["lane"], "probes", ctx.options.num_probes, ggn.total(), text,
-            ggn.lane.bytes,
+            base, lane, "probes", probes, fixed, extra=ggn, extra_text=text,
+            extra_beside=2 * _tree_bytes(params), chunk_work=chunks,
         )  # fmt: skip
 
     def run(self, ctx: Context, chunk: int):

@@ -70,6 +70,34 @@ class AbstractSampleKernel(eqx.Module):
         structure of `params` (`None` at frozen leaves)."""
 
 
+def chunk_function(
+    kernel: AbstractSampleKernel, params, static, loss, *, scale, keep_samples: bool = False
+):
+    """The function `(samples, mask) -> sums` that `run_sample_kernel` runs on each
+    chunk (`samples` with a leading axis of the chunk's size): the pieces of every
+    sample and their `mask * scale`-weighted contraction, or with `keep_samples` each
+    sample's own. The plan profiles it on chunks of one and two samples."""
+    dtype = accumulation_dtype(jnp.result_type(*jax.tree.leaves(params)))
+
+    def per_sample(sample):
+        return upcast(kernel.pieces(params, static, loss, sample), dtype)
+
+    def chunk_sum(samples, mask):
+        # The scale rides on the mask (every contraction is linear in it), so it
+        # multiplies a chunk's per-sample pieces, not the parameter-sized result.
+        weights = mask * jnp.asarray(scale, mask.dtype)
+        return kernel.contract(params, static, jax.vmap(per_sample)(samples), samples, weights)
+
+    def chunk_stack(samples, mask):
+        # Each sample as a chunk of one: the same contraction, so no second code path.
+        def one(piece, sample, weight):
+            return kernel.contract(params, static, _expand(piece), _expand(sample), weight[None])
+
+        return jax.vmap(one)(jax.vmap(per_sample)(samples), samples, mask)
+
+    return chunk_stack if keep_samples else chunk_sum
+
+
 def run_sample_kernel(
     kernel: AbstractSampleKernel,
     params: PyTree,
@@ -96,25 +124,8 @@ def run_sample_kernel(
     float64 nothing is cast), and the result is cast to each leaf's dtype at the end.
     """
     dtype = accumulation_dtype(jnp.result_type(*jax.tree.leaves(params)))
-
-    def per_sample(sample):
-        return upcast(kernel.pieces(params, static, loss, sample), dtype)
-
-    def chunk_sum(samples, mask):
-        # The scale rides on the mask (every contraction is linear in it), so it
-        # multiplies a chunk's per-sample pieces, not the parameter-sized result.
-        weights = mask * jnp.asarray(scale, mask.dtype)
-        return kernel.contract(params, static, jax.vmap(per_sample)(samples), samples, weights)
-
-    def chunk_stack(samples, mask):
-        # Each sample as a chunk of one: the same contraction, so no second code path.
-        def one(piece, sample, weight):
-            return kernel.contract(params, static, _expand(piece), _expand(sample), weight[None])
-
-        return jax.vmap(one)(jax.vmap(per_sample)(samples), samples, mask)
-
     totals = chunked(
-        chunk_stack if keep_samples else chunk_sum,
+        chunk_function(kernel, params, static, loss, scale=scale, keep_samples=keep_samples),
         batch,
         chunk,
         reduce="stack" if keep_samples else "sum",

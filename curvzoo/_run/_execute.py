@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
-from .._dispatch._costs import estimated_seconds, surely_faster_than
+from .._dispatch._costs import estimated_seconds, Profile, surely_faster_than
 from .._dispatch._plan import (
     all_finite,
     build_plan,
@@ -171,11 +171,12 @@ _FASTER = {
 }
 
 
-def warn_if_slow(work: float, kernel: str, what: str, *, stacklevel: int = 3) -> None:
-    """Warn where `work` operations on `kernel` are estimated to take more than
-    `SLOW_SECONDS`. The machine's rate is measured only where even the slowest rate
-    cannot rule that out (`surely_faster_than`: under about 6e8 operations), so a
-    small call pays nothing and no call above the threshold is passed over."""
+def warn_if_slow(work: Profile, kernel: str, what: str, *, stacklevel: int = 3) -> None:
+    """Warn where `work` (a `Profile`) on `kernel` is estimated to take more than
+    `SLOW_SECONDS`. The machine's rates are measured only where even the slowest rates
+    cannot rule that out (`surely_faster_than`: for element operations alone, under
+    about 6e8), so a small call pays nothing and no call above the threshold is passed
+    over."""
     if surely_faster_than(work, kernel, SLOW_SECONDS):
         return
     seconds = estimated_seconds(work, kernel)
@@ -196,7 +197,7 @@ def _warn_if_slow(plan: Plan) -> None:
         f"this {QUANTITIES[plan.quantity]} of {plan.model} (P = {plan.num_params:,}) takes "
         f"the {KERNELS[plan.kernel]} kernel{reason}"
     )
-    warn_if_slow(plan.multiply_adds + plan.element_ops, plan.kernel, what, stacklevel=5)
+    warn_if_slow(plan.work, plan.kernel, what, stacklevel=5)
 
 
 def _is_concrete(leaf) -> bool:

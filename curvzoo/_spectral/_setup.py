@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
-from .._dispatch._costs import profile
+from .._dispatch._costs import Profile, profile
 from .._dispatch._plan import check_loss_output
 from .._dispatch._signature import flatten, fresh
 from .._losses import AbstractLoss
@@ -183,8 +183,8 @@ def prepare(
 _PRODUCT_WORK: collections.OrderedDict = collections.OrderedDict()  # per layouts
 
 
-def _product_work(problem: Problem, operator: str) -> float:
-    """The operations of one product with the operator, as traced (its linearisation
+def _product_work(problem: Problem, operator: str) -> Profile:
+    """The work (`Profile`) of one product with the operator, as traced (its linearisation
     counted with it: an upper bound where the tools linearise once)."""
     from ._operators import flat_product  # it imports this module
 
@@ -192,7 +192,7 @@ def _product_work(problem: Problem, operator: str) -> float:
         flat, _, product = flat_product(operator, params, static, loss, batch)
         return product(flat)
 
-    return profile(one, problem.params, problem.static, problem.loss, problem.batch).work
+    return profile(one, problem.params, problem.static, problem.loss, problem.batch)
 
 
 def warn_if_slow(problem: Problem, operator: str, products: int, what: str) -> None:
