@@ -386,7 +386,7 @@ def _pick(ctx: Context, model, trained_tree, kernel_quantity: str, general, meth
             )
         return general, reason
     if route.name == "recurrent" and method == "auto":
-        mine, theirs = (_work(r.cost(ctx), ctx.options) for r in (route, general))
+        mine, theirs = (_work(_cost(r, ctx), ctx.options) for r in (route, general))
         if estimated_seconds(mine, "recurrent") > estimated_seconds(theirs, general.name):
             return general, (
                 f"the recurrent kernel's estimated time here is above the {KERNELS[general.name]}"
@@ -407,11 +407,30 @@ def _type_name(model) -> str:
     return ".".join(public + [cls.__qualname__]) if public else cls.__qualname__
 
 
+# The costs worked out while one plan is built (its kernel choice traces the chosen
+# route's cost; the plan reuses it), keyed by the route and context objects, which are
+# kept alive beside it.
+_COSTS: dict = {}
+
+
+def _cost(route, ctx: Context):
+    key = (id(route), id(ctx))
+    if key not in _COSTS:
+        _COSTS[key] = (route, ctx, route.cost(ctx))
+    return _COSTS[key][2]
+
+
 def _work(cost, options) -> Profile:
-    """`cost`'s whole work in the chunks `memory_budget` (or `chunk_size`) makes."""
-    chunk = _chunk(cost, options.chunk_size, options.memory_budget)
-    extra = 1 if cost.extra is None else _chunk(cost.extra, None, options.memory_budget)
-    return cost.total(chunk, extra)
+    """`cost`'s whole work in about the chunks `memory_budget` (or `chunk_size`) makes,
+    from a lane's traced work (no chunk traced at its size: this only compares two
+    kernels, and the plan traces the chosen one's chunk)."""
+    budget = options.memory_budget
+    room = budget - cost.chunk_fixed.bytes
+    chunk = options.chunk_size or max(1, min(cost.count, room // max(cost.lane.bytes, 1)))
+    extra = 1
+    if cost.extra is not None:
+        extra = max(1, min(cost.extra.count, budget // max(cost.extra.lane.bytes, 1)))
+    return cost.total(min(chunk, cost.count), extra, exact=False)
 
 
 def _chunk(cost, requested: int | None, budget: int) -> int:
@@ -472,8 +491,12 @@ def build_plan(request: Request) -> Plan:
     if quantity == "fisher":
         _check_draws(ctx)
 
-    route, reason = _choose(ctx, model, trained_tree)
-    cost = route.cost(ctx)
+    _COSTS.clear()
+    try:
+        route, reason = _choose(ctx, model, trained_tree)
+        cost = _cost(route, ctx)
+    finally:
+        _COSTS.clear()
     budget = options.memory_budget
     chunk = _chunk(cost, options.chunk_size, budget)
     if isinstance(route, HutchinsonRoute) and options.chunk_size is None:

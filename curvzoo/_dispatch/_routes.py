@@ -89,21 +89,26 @@ class Cost:
     extra_beside: int = 0  # bytes the first part leaves live while the second runs
     chunk_work: Callable[[int], Profile] | None = dataclasses.field(default=None, compare=False)
 
-    def per_chunk(self, chunk: int) -> Profile:
-        """The work of one chunk of `chunk` lanes."""
-        if self.chunk_work is not None:
+    def per_chunk(self, chunk: int, exact: bool = True) -> Profile:
+        """The work of one chunk of `chunk` lanes (traced as it will run where
+        `chunk_work` is given and `exact`, else from a lane's)."""
+        if self.chunk_work is not None and exact:
             return self.chunk_work(chunk)
         lanes = dataclasses.replace(self.lane * chunk, steps=self.lane.steps)
         return self.chunk_fixed + lanes
 
-    def total(self, chunk: int, extra_chunk: int = 1, num_chunks: int | None = None) -> Profile:
+    def total(
+        self, chunk: int, extra_chunk: int = 1, num_chunks: int | None = None, exact: bool = True
+    ) -> Profile:
         """The whole work in `num_chunks` chunks of `chunk` lanes (by default as many as
         `count` needs: the kernels pad the last), and the second part's in chunks of
         `extra_chunk`."""
         if num_chunks is None:
             num_chunks = -(-self.count // chunk)
-        work = self.shared + self.per_chunk(chunk) * num_chunks
-        return work if self.extra is None else work + self.extra.total(extra_chunk)
+        work = self.shared + self.per_chunk(chunk, exact) * num_chunks
+        if self.extra is None:
+            return work
+        return work + self.extra.total(extra_chunk, exact=exact)
 
     def chunk_bytes(self, chunk: int) -> int:
         """One chunk's working set: counted on the chunk as it will run where
@@ -269,16 +274,6 @@ def _vector_chunks(build, ctx: Context, batch, base: Profile, times: int = 1):
     return work
 
 
-def _lane_memory(lane: Profile, chunks) -> tuple[Profile, Profile]:
-    """`(lane, chunk_fixed)` with the memory of the chunks as they run: a lane's bytes
-    the difference of chunks of two and one, the rest of a chunk of one fixed (as
-    `SampleRoute.cost` has them), so that the budget and the estimate agree."""
-    one, two = chunks(1), chunks(2)
-    each = max(0, two.bytes - one.bytes)
-    fixed = Profile(0.0, 0.0, max(0, one.bytes - each))
-    return dataclasses.replace(lane, bytes=each), fixed
-
-
 @dataclasses.dataclass(frozen=True)
 class GenericRoute:
     """One Hessian-vector product per parameter (per sample with `per_sample`)."""
@@ -321,8 +316,9 @@ class GenericRoute:
         base = dataclasses.replace(base, bytes=base.bytes + 2 * results * _tree_bytes(ctx.params))
         if self.per_sample:  # P products for each sample, one sample after another
             base, lane = base * ctx.batch_size, lane * ctx.batch_size
-        lane, fixed = _lane_memory(lane, chunks)
-        return Cost(base, lane, "basis vectors", count, fixed, chunk_work=chunks)
+        # A lane's bytes from one product's trace: the plan fits the chunk to the budget
+        # on the chunk as it runs (`chunk_work`), which also gives the memory estimate.
+        return Cost(base, lane, "basis vectors", count, chunk_work=chunks)
 
     def run(self, ctx: Context, chunk: int):
         kernel = (
@@ -364,13 +360,13 @@ class HutchinsonRoute:
         extra = 2 * _tree_bytes(params, at_least=jnp.float32) + 2 * _tree_bytes(params)
         base = dataclasses.replace(base, bytes=base.bytes + extra)
         probes = ctx.options.num_probes
-        lane, fixed = _lane_memory(found["lane"], chunks)
+        lane = found["lane"]  # the chunk is fitted on its own trace, as for `GenericRoute`
         if self.ggn is None:
-            return Cost(base, lane, "probes", probes, fixed, chunk_work=chunks)
+            return Cost(base, lane, "probes", probes, chunk_work=chunks)
         ggn = self.ggn.cost(dataclasses.replace(ctx, quantity="ggn"))
         text = f"the exact GGN diagonal ({self.ggn.kernel.label})"
         return Cost(
-            base, lane, "probes", probes, fixed, extra=ggn, extra_text=text,
+            base, lane, "probes", probes, extra=ggn, extra_text=text,
             extra_beside=2 * _tree_bytes(params), chunk_work=chunks,
         )  # fmt: skip
 
