@@ -358,12 +358,6 @@ def machine_rates(*, refresh: bool = False) -> Rates:
     return _RATE["best"]
 
 
-def machine_rate(*, refresh: bool = False) -> float:
-    """This machine's float32 matrix-multiply rate (multiply-adds per second; see
-    `machine_rates`)."""
-    return machine_rates(refresh=refresh).matmul
-
-
 # No machine curvzoo runs on is slower than this: the floor of `surely_faster_than`, so
 # that a plan's time need not be measured to know it is short (2 busy CPU cores here
 # measure about 2e10-4e10 multiply-adds/s in products, 1e10 in convolutions, 1e9
