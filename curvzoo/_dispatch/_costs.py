@@ -70,10 +70,6 @@ class Profile:
             self.memory_bound * times,
         )
 
-    def batched(self, times: int | float) -> "Profile":
-        """The work of `times` runs side by side (`jax.vmap`): the steps of one."""
-        return dataclasses.replace(self * times, steps=self.steps)
-
 
 def _size(var) -> int:
     aval = var.aval
