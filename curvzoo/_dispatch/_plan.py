@@ -435,7 +435,7 @@ def _work(cost, options) -> Profile:
 
 def _chunk(cost, requested: int | None, budget: int) -> int:
     """The chunk of lanes: `requested` (`chunk_size`) where given; else the most lanes
-    whose working set fits `budget`, from chunks of one and two lanes, and checked on
+    whose working set fits `budget`, from a lane's working set, and checked on
     the chunk as it will run (`Cost.chunk_bytes`), smaller where that is above it."""
     if requested is not None:
         return max(1, min(requested, cost.count))

@@ -73,10 +73,11 @@ class Cost:
     chunk's lanes side by side, `jax.vmap`ped), then a second kernel (`extra`: the
     control variate's exact GGN, in chunks of its own).
 
-    The memory of a chunk of `n` lanes is `chunk_fixed.bytes + n * lane.bytes` (from
-    chunks of one and two lanes: it chooses the chunk). Its work is read off the chunk
-    as it will run, `chunk_work(n)` (a product's rate depends on its size: a chunk of
-    one sample's pieces contracts over one entry, one of 128 over 128), or, where no
+    The memory of a chunk of `n` lanes is about `chunk_fixed.bytes + n * lane.bytes`
+    (from one traced chunk, or chunks of one and two lanes: it chooses the chunk). Its
+    work is read off the chunk as it will run, `chunk_work(n)` (a product's rate depends
+    on its size: a chunk of one sample's pieces contracts over one entry, one of 128
+    over 128), or, where no
     `chunk_work` is given, `chunk_fixed + n * lane` with the steps of one lane."""
 
     shared: Profile  # done once
@@ -194,27 +195,42 @@ class SampleRoute:
         return ctx.batch
 
     def cost(self, ctx: Context) -> Cost:
-        # A chunk of two samples less a chunk of one: what each sample adds (its pieces,
-        # its share of the contraction); the rest is each chunk's own, whatever its
-        # size (what depends on the parameters only, such as a squared weight matrix).
+        # One trace where it can: the chunk the plan will most likely run (the whole
+        # batch, or `chunk_size`'s), from which a lane is that chunk's share. Where that
+        # chunk is above the budget, chunks of one and two samples: what each sample adds
+        # (its pieces, its share of the contraction) is their difference, and the rest
+        # is each chunk's own, whatever its size (what depends on the parameters only,
+        # such as a squared weight matrix). Tracing costs the same at any chunk size.
         keep = ctx.options.per_sample
         samples = self.samples(ctx)
         dtype = accumulation_dtype(jnp.result_type(*jax.tree.leaves(ctx.params)))
+        work = {}
 
-        def chunk_of(size):
-            lanes = _abstract_leading(samples, size)
-            mask = jax.ShapeDtypeStruct((size,), dtype)
+        def chunk_work(size):
+            if size not in work:
+                lanes = _abstract_leading(samples, size)
+                mask = jax.ShapeDtypeStruct((size,), dtype)
 
-            def run(params, static, loss, lanes, mask):
-                fn = chunk_function(self.kernel, params, static, loss, scale=1.0, keep_samples=keep)
-                return fn(lanes, mask)
+                def run(params, static, loss, lanes, mask):
+                    fn = chunk_function(
+                        self.kernel, params, static, loss, scale=1.0, keep_samples=keep
+                    )
+                    return fn(lanes, mask)
 
-            return profile(run, ctx.params, ctx.static, ctx.loss, lanes, mask)
+                work[size] = profile(run, ctx.params, ctx.static, ctx.loss, lanes, mask)
+            return work[size]
 
-        one, two = chunk_of(1), chunk_of(2)
-        lane = two.minus(one)
-        fixed = one.minus(lane)
-        work = {1: one, 2: two}
+        requested = ctx.options.chunk_size
+        likely = min(requested or ctx.batch_size, ctx.batch_size)
+        first = chunk_work(likely)
+        if requested is not None or first.bytes <= ctx.options.memory_budget:
+            lane = dataclasses.replace(first * (1 / likely), bytes=first.bytes // likely)
+            lane = dataclasses.replace(lane, steps=first.steps)
+            fixed = Profile(0.0, 0.0, 0)
+        else:
+            one, two = chunk_work(1), chunk_work(2)
+            lane = two.minus(one)
+            fixed = one.minus(lane)
         # Beside the chunks: the running sums (at least float32) and the result, `N`
         # of them with `per_sample` (the batch and the parameters exist before the call)
         results = ctx.batch_size if ctx.options.per_sample else 1
@@ -222,12 +238,6 @@ class SampleRoute:
         # ... and each result written once more (stacked, cast), an operation per entry
         entries = results * sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(ctx.params))
         shared = Profile(0.0, float(entries), sums + results * _tree_bytes(ctx.params))
-
-        def chunk_work(size):
-            if size not in work:
-                work[size] = chunk_of(size)
-            return work[size]
-
         return Cost(
             shared, lane, "samples", ctx.batch_size, chunk_fixed=fixed, chunk_work=chunk_work
         )
