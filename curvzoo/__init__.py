@@ -3,6 +3,7 @@
 from importlib import metadata as _metadata
 
 from . import analysis as analysis, losses as losses, optim as optim
+from ._api._diagonal import diagonal as diagonal
 from ._api._family import (
     empirical_fisher_diagonal as empirical_fisher_diagonal,
     fisher_diagonal as fisher_diagonal,
@@ -13,6 +14,15 @@ from ._api._hutchinson import hutchinson_diagonal as hutchinson_diagonal
 from ._api._plan import plan as plan
 from ._api._time_steps import time_step_curvature as time_step_curvature
 from ._dispatch._plan import Plan as Plan
+from ._estimators import (
+    AbstractEstimator as AbstractEstimator,
+    EmpiricalFisher as EmpiricalFisher,
+    Estimate as Estimate,
+    Exact as Exact,
+    Fisher as Fisher,
+    GGN as GGN,
+    Hutchinson as Hutchinson,
+)
 from ._models import (
     AbstractModel as AbstractModel,
     CNN as CNN,

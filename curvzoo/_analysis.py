@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
+from ._estimators import Estimate
+
 
 def statistics(values: Any) -> dict:
     """Statistics of a set of diagonal entries (any array; flattened).
@@ -69,6 +71,13 @@ def _check_matches(named: list, model: eqx.Module) -> None:
 def _check_not_a_pair(diagonal: PyTree) -> None:
     """An `(estimate, stderr)` pair, as `hutchinson_diagonal(..., return_stderr=True)`
     returns, is two diagonals: say so rather than summarising them as one."""
+    if isinstance(diagonal, Estimate):
+        raise ValueError(
+            "`diagonal` is an `Estimate`, a value and its standard error (what "
+            "`return_stderr=True` returns); summarise one at a time: "
+            "`estimate, stderr = ...; summarize(estimate, model)`, or "
+            "`summarize(result.value, model)`."
+        )
     if (
         isinstance(diagonal, tuple)
         and len(diagonal) == 2

@@ -33,3 +33,27 @@ def getkey():
     """A fresh `jax.random.key` on every call, from a fixed seed per test."""
     keys = iter(jr.split(jr.key(5678), 1000))
     return lambda: next(keys)
+
+
+# The files whose tests take longest (subprocesses, whole recipes, the README, every
+# kernel against `jax.hessian`) go first: with `pytest -n`, a long test collected last
+# leaves the other workers idle at the end.
+_FIRST = (
+    "test_distributed.py",
+    "test_readme.py",
+    "test_recipes.py",
+    "test_devices.py",
+    "test_guides.py",
+    "test_lengths.py",
+    "test_precision.py",
+    "test_properties.py",
+    "test_spectral.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return _FIRST.index(name) if name in _FIRST else len(_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept

@@ -209,6 +209,19 @@ ROUTES = {
             model, LOSS, batch, key=key, num_probes=2, filter_spec=spec
         ),
     ),
+    # estimator objects, as `curvzoo.diagonal` takes them
+    "sophia-object-ggn": (
+        lambda **kw: cz.optim.sophia(0.1, k=2, gamma=0.5, estimator=cz.GGN(), **kw),
+        lambda model, batch, key, spec: cz.ggn_diagonal(model, LOSS, batch, filter_spec=spec),
+    ),
+    "sophia-object-hutchinson-cv": (
+        lambda **kw: cz.optim.sophia(
+            0.1, k=2, gamma=0.5, estimator=cz.Hutchinson(2, cz.GGN()), **kw
+        ),
+        lambda model, batch, key, spec: cz.hutchinson_diagonal(
+            model, LOSS, batch, key=key, num_probes=2, control_variate="ggn", filter_spec=spec
+        ),
+    ),
 }
 
 
@@ -372,6 +385,19 @@ BUILDERS = {
             "num_probes",
         ),
         ("newton", {"curvature_options": {"chunk": 3}}, ValueError, "chunk"),
+        ("sophia", {"estimator": cz.GGN}, ValueError, "estimator"),
+        (
+            "sophia",
+            {"estimator": cz.Hutchinson(2), "curvature_options": {"num_probes": 3}},
+            TypeError,
+            "curvature_options",
+        ),
+        (
+            "sophia",
+            {"estimator": cz.GGN(), "loss": lambda model, batch: 0.0},
+            TypeError,
+            r"estimator=GGN\(\)",
+        ),
     ],
 )
 def test_bad_settings(name, kwargs, error, argument):

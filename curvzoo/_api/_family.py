@@ -7,10 +7,10 @@ import equinox as eqx
 from jax.sharding import Mesh
 from jaxtyping import Array, PyTree
 
+from .._estimators import EmpiricalFisher, Fisher, GGN
 from .._losses import AbstractLoss
-from .._run._checks import check_key, check_positive_int
-from .._run._execute import evaluate
-from ._options import make_options
+from .._run._checks import check_positive_int
+from ._diagonal import diagonal
 
 
 @no_type_check
@@ -32,7 +32,7 @@ def ggn_diagonal(
     """The exact diagonal of the generalised Gauss-Newton matrix
     `G = scale * sum_n J_n^T H_n J_n`, where `J_n` is the Jacobian of sample `n`'s
     prediction in the trainable parameters and `H_n` the Hessian of its per-sample loss
-    in that prediction (Schraudolph 2002).
+    in that prediction (Schraudolph 2002): [`curvzoo.diagonal`][] with `curvzoo.GGN()`.
 
     `G` is the Hessian without the network's own second derivatives: it equals the
     Hessian for a model linear in its parameters, and its diagonal equals the
@@ -88,11 +88,11 @@ def ggn_diagonal(
     ```
     """
 
-    options = make_options(
-        method=method, per_sample=per_sample, chunk_size=chunk_size,
-        memory_budget=memory_budget, check_finite=check_finite, progress=progress, mesh=mesh,
+    return diagonal(
+        model, loss, batch, GGN(), per_sample=per_sample, args=args, filter_spec=filter_spec,
+        chunk_size=chunk_size, memory_budget=memory_budget, method=method,
+        check_finite=check_finite, mesh=mesh, progress=progress,
     )  # fmt: skip
-    return evaluate("ggn", model, loss, batch, options=options, filter_spec=filter_spec, args=args)
 
 
 @no_type_check
@@ -112,7 +112,8 @@ def empirical_fisher_diagonal(
     progress: bool = False,
 ) -> PyTree:
     """The diagonal of the empirical Fisher, `scale * sum_n g_n^2`, with `g_n` the
-    gradient of sample `n`'s per-sample loss at its own target.
+    gradient of sample `n`'s per-sample loss at its own target: [`curvzoo.diagonal`][]
+    with `curvzoo.EmpiricalFisher()`.
 
     **Scaling:** `scale` is the loss's reduction factor, as in the loss itself and in
     [`curvzoo.ggn_diagonal`][]: `1` for `reduction="sum"`, `1 / (N * elements)` for
@@ -154,13 +155,10 @@ def empirical_fisher_diagonal(
     vector-Jacobian product per sample, `jax.vmap`ped in chunks.
     """
 
-    options = make_options(
-        method=method, per_sample=per_sample, chunk_size=chunk_size,
-        memory_budget=memory_budget, check_finite=check_finite, progress=progress, mesh=mesh,
-    )  # fmt: skip
-    return evaluate(
-        "empirical_fisher", model, loss, batch, options=options, filter_spec=filter_spec,
-        args=args,
+    return diagonal(
+        model, loss, batch, EmpiricalFisher(), per_sample=per_sample, args=args,
+        filter_spec=filter_spec, chunk_size=chunk_size, memory_budget=memory_budget, method=method,
+        check_finite=check_finite, mesh=mesh, progress=progress,
     )  # fmt: skip
 
 
@@ -184,7 +182,8 @@ def fisher_diagonal(
     """A Monte-Carlo estimate of the Fisher information's diagonal: for every sample,
     `num_samples` targets are drawn from the model's predictive distribution, and the
     squared gradients at those targets are averaged,
-    `scale * sum_n mean_s (grad per_sample(f_n, y_ns))^2`.
+    `scale * sum_n mean_s (grad per_sample(f_n, y_ns))^2`: [`curvzoo.diagonal`][] with
+    `curvzoo.Fisher(num_samples)`.
 
     The draws come from `loss.sample_targets`: a categorical on the softmax for
     cross-entropy, a Bernoulli on the sigmoid for BCE, and `Normal(f, 1/2)` for MSE, the
@@ -220,13 +219,9 @@ def fisher_diagonal(
     per sample, as in [`curvzoo.empirical_fisher_diagonal`][].
     """
 
-    check_key(key)
-    check_positive_int(num_samples, "num_samples")
-    options = make_options(
-        method=method, chunk_size=chunk_size, memory_budget=memory_budget,
-        check_finite=check_finite, progress=progress, mesh=mesh, num_samples=num_samples,
-    )  # fmt: skip
-    return evaluate(
-        "fisher", model, loss, batch, key=key, options=options, filter_spec=filter_spec,
-        args=args,
+    check_positive_int(num_samples, "num_samples")  # before the annotation's type check
+    return diagonal(
+        model, loss, batch, Fisher(num_samples), key=key, args=args, filter_spec=filter_spec,
+        chunk_size=chunk_size, memory_budget=memory_budget, method=method,
+        check_finite=check_finite, mesh=mesh, progress=progress,
     )  # fmt: skip

@@ -7,8 +7,8 @@ import equinox as eqx
 from jax.sharding import Mesh
 from jaxtyping import PyTree
 
-from .._run._execute import evaluate
-from ._options import make_options
+from .._estimators import Exact
+from ._diagonal import diagonal
 
 
 @no_type_check
@@ -28,7 +28,7 @@ def hessian_diagonal(
     progress: bool = False,
 ) -> PyTree:
     """The exact diagonal of the Hessian of `loss(model, batch)` with respect to the
-    trainable parameters of `model`.
+    trainable parameters of `model`: [`curvzoo.diagonal`][] with `curvzoo.Exact()`.
 
     **Arguments:**
 
@@ -123,10 +123,8 @@ def hessian_diagonal(
     ```
     """
 
-    options = make_options(
-        method=method, per_sample=per_sample, chunk_size=chunk_size,
-        memory_budget=memory_budget, check_finite=check_finite, progress=progress, mesh=mesh,
+    return diagonal(
+        model, loss, batch, Exact(), args=args, filter_spec=filter_spec,
+        chunk_size=chunk_size, memory_budget=memory_budget, method=method,
+        per_sample=per_sample, check_finite=check_finite, mesh=mesh, progress=progress,
     )  # fmt: skip
-    return evaluate(
-        "hessian", model, loss, batch, options=options, filter_spec=filter_spec, args=args
-    )

@@ -7,9 +7,9 @@ import equinox as eqx
 from jax.sharding import Mesh
 from jaxtyping import Array, PyTree
 
-from .._run._checks import check_key, check_positive_int
-from .._run._execute import evaluate
-from ._options import check_bool, make_options
+from .._estimators import Estimate, GGN, Hutchinson
+from .._run._checks import check_positive_int
+from ._diagonal import diagonal
 
 
 @no_type_check
@@ -29,10 +29,11 @@ def hutchinson_diagonal(
     check_finite: bool = True,
     mesh: Mesh | None = None,
     progress: bool = False,
-) -> PyTree | tuple[PyTree, PyTree]:
+) -> PyTree | Estimate:
     """Hutchinson's unbiased estimate of the Hessian diagonal, `mean(z * (H z))` over
     Rademacher probes `z` (Bekas, Kokiopoulou and Saad 2007; as in AdaHessian, Yao et
-    al. 2021).
+    al. 2021): [`curvzoo.diagonal`][] with
+    `curvzoo.Hutchinson(num_probes, control_variate)`.
 
     With `control_variate="ggn"` the probes estimate `diag(H - G)` instead and the
     exact GGN diagonal ([`curvzoo.ggn_diagonal`][]) is added back. The estimate stays
@@ -68,8 +69,9 @@ def hutchinson_diagonal(
     **Returns:**
 
     A PyTree with the structure of `equinox.filter(model, filter_spec)`: the estimate at
-    each trained leaf, `None` elsewhere. With `return_stderr=True`, a pair
-    `(estimate, stderr)` of two such PyTrees.
+    each trained leaf, `None` elsewhere. With `return_stderr=True`, an
+    [`curvzoo.Estimate`][] of two such PyTrees, which unpacks as the pair
+    `estimate, stderr`.
 
     **Precision:** each leaf in its parameter's dtype; the probes' products are in the
     model's precision, their mean and standard error accumulated in at least float32.
@@ -91,21 +93,12 @@ def hutchinson_diagonal(
     ```
     """
 
-    check_key(key)
-    check_positive_int(num_probes, "num_probes")
     if control_variate not in (None, "ggn"):
         raise ValueError(f"`control_variate` must be None or 'ggn', got {control_variate!r}.")
-    check_bool(return_stderr, "return_stderr")
-    if return_stderr and num_probes < 2:
-        raise ValueError(
-            f"`return_stderr=True` needs `num_probes` >= 2 to estimate a spread, got {num_probes}."
-        )
-    options = make_options(
-        chunk_size=chunk_size, memory_budget=memory_budget, check_finite=check_finite,
-        progress=progress, mesh=mesh, num_probes=num_probes, control_variate=control_variate,
+    check_positive_int(num_probes, "num_probes")  # before the annotation's type check
+    estimator = Hutchinson(num_probes, None if control_variate is None else GGN())
+    return diagonal(
+        model, loss, batch, estimator, key=key, return_stderr=return_stderr, args=args,
+        filter_spec=filter_spec, chunk_size=chunk_size, memory_budget=memory_budget,
+        check_finite=check_finite, mesh=mesh, progress=progress,
     )  # fmt: skip
-    estimate, stderr = evaluate(
-        "hutchinson", model, loss, batch, key=key, options=options, filter_spec=filter_spec,
-        args=args,
-    )  # fmt: skip
-    return (estimate, stderr) if return_stderr else estimate

@@ -7,6 +7,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from .._dispatch._plan import Options
+from .._estimators import AbstractEstimator, Exact
 from .._run._checks import check_positive_int
 from .._run._memory import DEFAULT_MEMORY_BUDGET
 
@@ -44,9 +45,7 @@ def make_options(
     check_finite: Any = True,
     progress: Any = False,
     mesh: Any = None,
-    num_samples: int = 1,
-    num_probes: int = 1,
-    control_variate: str | None = None,
+    estimator: AbstractEstimator = Exact(),
 ) -> Options:
     """The checked `Options`; each bad value raises an error naming its argument."""
     if method not in METHODS:
@@ -66,7 +65,5 @@ def make_options(
         check_finite=bool(check_finite),
         progress=bool(progress),
         mesh=mesh,
-        num_samples=int(num_samples),
-        num_probes=int(num_probes),
-        control_variate=control_variate,
+        estimator=estimator,
     )

@@ -8,9 +8,11 @@ import jax
 from jax.sharding import Mesh
 from jaxtyping import PyTree
 
-from .._dispatch._plan import Plan, QUANTITIES
+from .._dispatch._plan import Plan
+from .._estimators import AbstractEstimator, BY_QUANTITY, check_estimator, Fisher, GGN, Hutchinson
 from .._run._checks import check_positive_int
 from .._run._execute import plan_of
+from ._diagonal import check_estimator_options
 from ._options import make_options
 
 
@@ -19,8 +21,8 @@ def plan(
     model: eqx.Module,
     loss: Callable,
     batch: PyTree,
+    estimator: AbstractEstimator | None = None,
     *,
-    quantity: str = "hessian",
     method: str = "auto",
     per_sample: bool = False,
     args: PyTree | None = None,
@@ -28,6 +30,7 @@ def plan(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     mesh: Mesh | None = None,
+    quantity: str | None = None,
     num_samples: int = 1,
     num_probes: int = 1,
     control_variate: str | None = None,
@@ -43,12 +46,13 @@ def plan(
     **Arguments:**
 
     - `model`, `loss`, `batch`, `args`, `filter_spec`, `chunk_size`, `memory_budget`,
-        `mesh`: as for the function of `quantity` (see [`curvzoo.hessian_diagonal`][]).
-    - `quantity`: `"hessian"` ([`curvzoo.hessian_diagonal`][], default), `"ggn"`,
-        `"empirical_fisher"`, `"fisher"` or `"hutchinson"`.
-    - `method`, `per_sample`: as for the function (`"hessian"`, `"ggn"`,
-        `"empirical_fisher"`; `method` for `"fisher"` too).
-    - `num_samples` (`"fisher"`), `num_probes` and `control_variate` (`"hutchinson"`).
+        `mesh`, `method`, `per_sample`: as for [`curvzoo.diagonal`][].
+    - `estimator`: the estimator of the call, as for [`curvzoo.diagonal`][] (default
+        `curvzoo.Exact()`); a random one needs no key here.
+    - `quantity`, `num_samples`, `num_probes`, `control_variate`: the older way to name
+        the estimator (instead of `estimator`): `quantity` is `"hessian"`, `"ggn"`,
+        `"empirical_fisher"`, `"fisher"` (with `num_samples`) or `"hutchinson"` (with
+        `num_probes` and `control_variate`, `None` or `"ggn"`).
 
     **Returns:**
 
@@ -59,26 +63,40 @@ def plan(
     **Example:**
 
     ```python
-    print(curvzoo.plan(model, curvzoo.losses.cross_entropy, (x, labels)))
+    print(curvzoo.plan(model, curvzoo.losses.cross_entropy, (x, labels), curvzoo.GGN()))
     ```
     """
-    if quantity not in QUANTITIES:
-        raise ValueError(f"`quantity` must be one of {tuple(QUANTITIES)}, got {quantity!r}.")
-    key = None
+    if estimator is not None and quantity is not None:
+        raise TypeError(
+            "`curvzoo.plan` got both `estimator` and `quantity`: pass the estimator object "
+            f"alone (for `quantity={quantity!r}`, `curvzoo.{BY_QUANTITY[quantity].__name__}()`)"
+            if quantity in BY_QUANTITY
+            else "`curvzoo.plan` got both `estimator` and `quantity`: pass the estimator alone."
+        )
+    if estimator is None:
+        estimator = _from_quantity(
+            "hessian" if quantity is None else quantity, num_samples, num_probes, control_variate
+        )
+    estimator = check_estimator(estimator)
+    key = jax.random.key(0) if estimator.random else None
+    check_estimator_options(estimator, key=key, method=method, per_sample=per_sample)
+    options = make_options(
+        method=method, per_sample=per_sample, chunk_size=chunk_size,
+        memory_budget=memory_budget, mesh=mesh, estimator=estimator,
+    )  # fmt: skip
+    return plan_of(model, loss, batch, key=key, options=options, filter_spec=filter_spec, args=args)
+
+
+def _from_quantity(quantity, num_samples, num_probes, control_variate) -> AbstractEstimator:
+    """The estimator that the older arguments of `plan` name."""
+    if quantity not in BY_QUANTITY:
+        raise ValueError(f"`quantity` must be one of {tuple(BY_QUANTITY)}, got {quantity!r}.")
     if quantity == "fisher":
         check_positive_int(num_samples, "num_samples")
-        key = jax.random.key(0)
+        return Fisher(num_samples)
     if quantity == "hutchinson":
         check_positive_int(num_probes, "num_probes")
         if control_variate not in (None, "ggn"):
             raise ValueError(f"`control_variate` must be None or 'ggn', got {control_variate!r}.")
-        key = jax.random.key(0)
-    options = make_options(
-        method=method, per_sample=per_sample, chunk_size=chunk_size,
-        memory_budget=memory_budget, mesh=mesh, num_samples=num_samples,
-        num_probes=num_probes, control_variate=control_variate,
-    )  # fmt: skip
-    return plan_of(
-        quantity, model, loss, batch, key=key, options=options, filter_spec=filter_spec,
-        args=args,
-    )  # fmt: skip
+        return Hutchinson(num_probes, None if control_variate is None else GGN())
+    return BY_QUANTITY[quantity]()

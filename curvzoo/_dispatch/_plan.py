@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from .._estimators import AbstractEstimator, ESTIMATORS, Exact
 from .._kernels._lanes import even_chunks
 from .._kernels._layered import LayeredKernel, trainable_ops
 from .._kernels._recurrent import RecurrentKernel
@@ -42,20 +43,13 @@ from ._signature import cached_hash, check_scalar, Layout, TracedLoss, WithArgs
 from ._structures import describe, Layered, Recurrent, Unsupported
 
 
-QUANTITIES = {
-    "hessian": "Hessian diagonal",
-    "ggn": "GGN diagonal",
-    "empirical_fisher": "empirical Fisher diagonal",
-    "fisher": "Monte-Carlo Fisher diagonal",
-    "hutchinson": "Hutchinson estimate of the Hessian diagonal",
-}
-FUNCTIONS = {
-    "hessian": "`hessian_diagonal`",
-    "ggn": "`ggn_diagonal`",
-    "empirical_fisher": "`empirical_fisher_diagonal`",
-    "fisher": "`fisher_diagonal`",
-    "hutchinson": "`hutchinson_diagonal(control_variate='ggn')`",
-}
+# What each quantity is and which function computes it, from its estimator's class.
+QUANTITIES = {cls.quantity: cls.title for cls in ESTIMATORS}
+FUNCTIONS = {cls.quantity: cls.function for cls in ESTIMATORS}
+FUNCTIONS["hutchinson"] = (
+    "`hutchinson_diagonal` with `control_variate='ggn'` "
+    "(`curvzoo.Hutchinson(control_variate=curvzoo.GGN())`)"
+)
 KERNELS = {
     "layered": "structured, layered (Hessian backpropagation)",
     "recurrent": "structured, recurrent",
@@ -76,16 +70,14 @@ class Options:
     check_finite: bool = True
     progress: bool = False
     mesh: Mesh | None = None
-    num_samples: int = 1
-    num_probes: int = 1
-    control_variate: str | None = None
+    estimator: AbstractEstimator = Exact()
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """Everything static about a call, and so the key of its plan."""
+    """Everything static about a call, and so the key of its plan (the estimator, with
+    its settings, is one of the options)."""
 
-    quantity: str
     options: Options
     model: Layout
     trained: tuple  # one bool per leaf of the model
@@ -95,6 +87,10 @@ class Request:
     key: tuple | None  # the PRNG key's (shape, dtype), for the stochastic quantities
 
     __hash__ = cached_hash
+
+    @property
+    def quantity(self) -> str:
+        return self.options.estimator.quantity
 
 
 # ## A structured kernel for each structure
@@ -136,7 +132,8 @@ class Plan:
     **Fields:**
 
     - `quantity`: `"hessian"`, `"ggn"`, `"empirical_fisher"`, `"fisher"` or
-        `"hutchinson"`.
+        `"hutchinson"`; `estimator`: the estimator object, with its settings
+        (`curvzoo.Exact()`, `curvzoo.Hutchinson(num_probes=16)`, ...).
     - `kernel`: `"layered"` or `"recurrent"` (the structured kernels), `"generic"` (one
         Hessian-vector product per parameter), `"vjp"` (vector-Jacobian products, the
         GGN family's general kernel) or `"hutchinson"`.
@@ -181,6 +178,7 @@ class Plan:
     shared_bytes: int = 0
     extra: str | None = None
     progress_every: int = 0
+    estimator: AbstractEstimator | None = None
     work: Profile = dataclasses.field(default=None, compare=False, repr=False)
     route: object = dataclasses.field(default=None, compare=False)
     prediction_shape: tuple | None = dataclasses.field(default=None, compare=False)
@@ -359,7 +357,7 @@ def _choose(ctx: Context, model, trained_tree):
     )
     if quantity == "hutchinson":
         ggn = None
-        if ctx.options.control_variate == "ggn":  # the GGN diagonal as `ggn_diagonal` takes it
+        if ctx.options.estimator.subtracts_ggn:  # the GGN diagonal as `ggn_diagonal` takes it
             general = SampleRoute(VJPKernel("ggn"), "vjp")
             ggn_ctx = dataclasses.replace(ctx, quantity="ggn")
             ggn, _ = _pick(ggn_ctx, model, trained_tree, "ggn", general, "auto")
@@ -480,9 +478,7 @@ def build_plan(request: Request) -> Plan:
     batch_size = check_batch(batch)
     prediction_shape = check_loss_output(loss, model, batch, args)
     quantity = request.quantity
-    if quantity in ("ggn", "empirical_fisher", "fisher") or (
-        quantity == "hutchinson" and options.control_variate == "ggn"
-    ):
+    if options.estimator.needs_per_sample_form:
         _require_per_sample_form(loss, quantity)
     key = None if request.key is None else jax.ShapeDtypeStruct(*request.key)
     ctx = Context(
@@ -533,6 +529,7 @@ def build_plan(request: Request) -> Plan:
         shared_bytes=int(cost.shared.bytes),
         extra=cost.extra_text,
         progress_every=progress_every,
+        estimator=options.estimator,
         route=route,
         prediction_shape=prediction_shape,
     )

@@ -160,7 +160,7 @@ def _target_draws(ctx: Context):
     predictions = jax.lax.stop_gradient(ctx.loss.predictions(model, inputs, ctx.lengths()))
 
     def draws(sample_key, prediction):
-        keys = jax.random.split(sample_key, ctx.options.num_samples)
+        keys = jax.random.split(sample_key, ctx.options.estimator.num_samples)
         return jax.vmap(lambda k: ctx.loss.sample_targets(k, prediction))(keys)
 
     return jax.vmap(draws)(jax.random.split(ctx.key, predictions.shape[0]), predictions)
@@ -187,7 +187,7 @@ class SampleRoute:
             if isinstance(ctx.key, jax.ShapeDtypeStruct):  # planning: shapes only
                 targets = ctx.batch[1]
                 draws = jax.ShapeDtypeStruct(
-                    (targets.shape[0], ctx.options.num_samples, *targets.shape[1:]),
+                    (targets.shape[0], ctx.options.estimator.num_samples, *targets.shape[1:]),
                     _draw_dtype(ctx),
                 )
                 return (ctx.batch[0], draws, *rest)
@@ -369,7 +369,7 @@ class HutchinsonRoute:
         params = ctx.params
         extra = 2 * _tree_bytes(params, at_least=jnp.float32) + 2 * _tree_bytes(params)
         base = dataclasses.replace(base, bytes=base.bytes + extra)
-        probes = ctx.options.num_probes
+        probes = ctx.options.estimator.num_probes
         lane = found["lane"]  # the chunk is fitted on its own trace, as for `GenericRoute`
         if self.ggn is None:
             return Cost(base, lane, "probes", probes, chunk_work=chunks)
@@ -384,7 +384,7 @@ class HutchinsonRoute:
         subtract = self.ggn is not None
         estimate, stderr = hutchinson_kernel(
             ctx.params, ctx.static, ctx.bound_loss(), ctx.batch, key=ctx.key,
-            num_probes=ctx.options.num_probes, subtract_ggn=subtract, chunk=chunk,
+            num_probes=ctx.options.estimator.num_probes, subtract_ggn=subtract, chunk=chunk,
             progress=ctx.progress, mesh=ctx.options.mesh,
         )  # fmt: skip
         if subtract:

@@ -157,3 +157,15 @@ def fisher(options: dict) -> Estimate:
         )
 
     return estimate
+
+
+def of_estimator(estimator, options: dict) -> Estimate:
+    """`estimator`'s diagonal (an estimator object), `curvzoo.diagonal`."""
+
+    def estimate(model, loss, batch, key, filter_spec):
+        return curvzoo.diagonal(
+            model, loss, batch, estimator, key=key if estimator.random else None,
+            filter_spec=filter_spec, **options,
+        )  # fmt: skip
+
+    return estimate

@@ -44,26 +44,51 @@ class SophiaState(NamedTuple):
     hessian: optax.Updates
 
 
-def _estimator(name: str, loss, options: dict):
-    if name in ("gnb", "ggn") and loss is not None:
+def _estimator(estimator, loss, options: dict):
+    """`(estimate, needs_key)` for `estimator`: an estimator object, or one of the
+    names `"gnb"` (`Fisher`), `"ggn"` (`GGN`) and `"hutchinson"` (`Hutchinson` with
+    `num_probes` from `options`, default 1)."""
+    if isinstance(estimator, curvzoo.AbstractEstimator):
+        if "num_probes" in options or "num_samples" in options or "control_variate" in options:
+            raise TypeError(
+                "`curvature_options` may not set `num_probes`, `num_samples` or "
+                f"`control_variate` with an estimator object ({estimator!r}): they are the "
+                "estimator's own fields."
+            )
+        label = f"`estimator={estimator!r}`"
+    else:
+        if not isinstance(estimator, str) or estimator not in _ESTIMATORS:
+            raise ValueError(
+                f"`estimator` must be an estimator object (`curvzoo.Fisher()`, "
+                f"`curvzoo.GGN()`, `curvzoo.Hutchinson(num_probes=1)`, ...) or one of "
+                f"{_ESTIMATORS}, got {estimator!r}."
+            )
+        label = f"`estimator={estimator!r}`"
+        options = dict(options)
+        if estimator == "gnb":
+            check_callable_options(curvzoo.fisher_diagonal, options)
+            estimator = curvzoo.Fisher(options.pop("num_samples", 1))
+        elif estimator == "ggn":
+            check_callable_options(curvzoo.ggn_diagonal, options)
+            estimator = curvzoo.GGN()
+        else:
+            check_callable_options(curvzoo.hutchinson_diagonal, options)
+            num_probes = options.pop("num_probes", 1)
+            check_positive_int(num_probes, "num_probes")
+            control = options.pop("control_variate", None)
+            if control not in (None, "ggn"):
+                raise ValueError(f"`control_variate` must be None or 'ggn', got {control!r}.")
+            estimator = curvzoo.Hutchinson(num_probes, None if control is None else curvzoo.GGN())
+    if estimator.needs_per_sample_form and loss is not None:
         if not isinstance(loss, curvzoo.losses.AbstractLoss):
             raise TypeError(
-                f"`estimator={name!r}` needs a curvzoo loss (`curvzoo.losses.*`), which "
+                f"{label} needs a curvzoo loss (`curvzoo.losses.*`), which "
                 "exposes the per-sample form that the GGN and the Fisher are built from; "
                 f"got a custom callable of type {type(loss).__name__}. Use "
-                "`estimator='hutchinson'` for a plain callable."
+                "`estimator=curvzoo.Hutchinson()` for a plain callable."
             )
-    if name == "gnb":
-        check_callable_options(curvzoo.fisher_diagonal, options)
-        return _curvature.fisher(options), True
-    if name == "ggn":
-        check_callable_options(curvzoo.ggn_diagonal, options)
-        return _curvature.ggn(options), False
-    options = dict(options)
-    num_probes = options.pop("num_probes", 1)
-    check_positive_int(num_probes, "num_probes")
-    check_callable_options(curvzoo.hutchinson_diagonal, options)
-    return _curvature.hutchinson(num_probes, options), True
+    check_callable_options(curvzoo.diagonal, options)
+    return _curvature.of_estimator(estimator, options), estimator.random
 
 
 # The settings are checked below with errors that name them, so the test-time runtime
@@ -77,7 +102,7 @@ def scale_by_sophia(
     eps: float = 1e-12,
     k: int = 10,
     loss: Callable | None = None,
-    estimator: str = "gnb",
+    estimator: "str | curvzoo.AbstractEstimator" = "gnb",
     curvature_options: Mapping[str, Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Scale updates as Sophia does (Liu, Li, Hall, Liang and Ma 2023, "Sophia: A
@@ -109,7 +134,10 @@ def scale_by_sophia(
     - `loss`: `None` (default), to pass `h_hat` to `update` as `curvature=`; or a loss,
         so that `update` computes `h_hat` itself from `model=`, `batch=` (and `key=`)
         with `estimator`, only on refresh steps (`jax.lax.cond`).
-    - `estimator`: what `h_hat` is when computed here:
+    - `estimator`: what `h_hat` is when computed here: an estimator object
+        (`curvzoo.Fisher()`, `curvzoo.GGN()`, `curvzoo.Hutchinson(num_probes=1)`, any
+        of [`curvzoo.diagonal`][]'s, with its settings as its fields), or one of the
+        names:
         - `"gnb"` (default): the paper's Gauss-Newton-Bartlett estimator, the Fisher
           diagonal at labels drawn from the model's predictive distribution, with
           [`curvzoo.fisher_diagonal`][] (one draw per sample; `num_samples` in
@@ -151,8 +179,6 @@ def scale_by_sophia(
     check_real(eps, "eps", low=0, low_open=True)
     check_positive_int(k, "k")
     check_loss(loss)
-    if estimator not in _ESTIMATORS:
-        raise ValueError(f"`estimator` must be one of {_ESTIMATORS}, got {estimator!r}.")
     reserved = ("key", "filter_spec", "per_sample", "return_stderr")
     options = check_options(curvature_options, reserved)
     estimate, needs_key = _estimator(estimator, loss, options)
@@ -204,7 +230,7 @@ def sophia(
     k: int = 10,
     weight_decay: float = 0.0,
     loss: Callable | None = None,
-    estimator: str = "gnb",
+    estimator: "str | curvzoo.AbstractEstimator" = "gnb",
     curvature_options: Mapping[str, Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The Sophia optimiser (Liu et al. 2023): [`curvzoo.optim.scale_by_sophia`][],

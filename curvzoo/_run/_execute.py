@@ -1,4 +1,4 @@
-"""The run driver: every public function is `evaluate(...)` of its quantity.
+"""The run driver: every diagonal is `evaluate(...)` with its options' estimator.
 
 1. *Check* what changes from call to call and is cheap: the argument types, the
    trained leaves, and (for a callable loss that is not an Equinox module) a fresh
@@ -104,7 +104,6 @@ class Prepared:
 
 
 def prepare(
-    quantity: str,
     model: Any,
     loss: Any,
     batch: PyTree,
@@ -114,7 +113,9 @@ def prepare(
     args: PyTree | None = None,
     key: Any = None,
 ) -> Prepared:
-    """Checks, the plan (cached per request) and the arrays of one call."""
+    """Checks, the plan (cached per request) and the arrays of one call of
+    `options.estimator`."""
+    quantity = options.estimator.quantity
     check_model(model)
     check_mesh(model, options.mesh)
     check_loss(loss)
@@ -136,9 +137,7 @@ def prepare(
         loss, _ = trace_loss(loss, model_layout, traced_layout, args_layout)
     loss_arrays, loss_layout = flatten(loss)
     key_aval = None if key is None else (tuple(key.shape), key.dtype)
-    request = Request(
-        quantity, options, model_layout, mask, batch_layout, loss_layout, args_layout, key_aval
-    )
+    request = Request(options, model_layout, mask, batch_layout, loss_layout, args_layout, key_aval)
 
     def make():
         plan = build_plan(request)
@@ -204,9 +203,10 @@ def _is_concrete(leaf) -> bool:
     return not isinstance(leaf, jax.core.Tracer)
 
 
-def evaluate(quantity: str, model, loss, batch, *, key=None, **kwargs) -> PyTree:
-    """Check, plan, run and verify one call of `quantity` (see the module docstring)."""
-    prepared = prepare(quantity, model, loss, batch, key=key, **kwargs)
+def evaluate(model, loss, batch, *, key=None, **kwargs) -> PyTree:
+    """Check, plan, run and verify one call of `options.estimator` (see the module
+    docstring)."""
+    prepared = prepare(model, loss, batch, key=key, **kwargs)
     plan, options = prepared.plan, prepared.request.options
     _warn_if_slow(plan)
     model, batch, loss, args = prepared.trees
@@ -302,11 +302,11 @@ def _unwrapped(result):
     return result
 
 
-def plan_of(quantity: str, model, loss, batch, *, key=None, **kwargs) -> Plan:
+def plan_of(model, loss, batch, *, key=None, **kwargs) -> Plan:
     """The plan `evaluate` would run, without running it (a curvzoo loss's batch
     values are checked as `evaluate` checks them: the plan of a call that would raise
     raises the same error)."""
-    prepared = prepare(quantity, model, loss, batch, key=key, **kwargs)
+    prepared = prepare(model, loss, batch, key=key, **kwargs)
     model, batch, loss, _ = prepared.trees
     if isinstance(loss, AbstractLoss):
         layout = prepared.request.model
