@@ -2,7 +2,7 @@
 
 from importlib import metadata as _metadata
 
-from . import analysis as analysis, losses as losses, optim as optim
+from . import analysis as analysis, losses as losses, optim as optim, structures as structures
 from ._api._diagonal import diagonal as diagonal
 from ._api._family import (
     empirical_fisher_diagonal as empirical_fisher_diagonal,

@@ -85,6 +85,7 @@ class Request:
     loss: Layout
     args: Layout | None
     key: tuple | None  # the PRNG key's (shape, dtype), for the stochastic quantities
+    registry: int = 0  # the structure registry's version: a new registration, a new plan
 
     __hash__ = cached_hash
 
@@ -117,7 +118,8 @@ def _recurrent(found: Recurrent, quantity: str, trained_tree) -> AbstractSampleK
         raise Unsupported(
             "the zoo RNN has a structured kernel for the Hessian and the GGN; squared "
             "gradients take one vector-Jacobian product per sample and draw with "
-            "`method='generic'`, which `'auto'` picks"
+            "`method='generic'`, which `'auto'` picks",
+            whole=True,
         )
     return RecurrentKernel(found.chain, quantity)
 
@@ -342,7 +344,7 @@ def _structured(ctx: Context, model, kernel_quantity: str, trained_tree):
                 return None, found.stepwise
         kernel = sample_kernel(structure, kernel_quantity, trained_tree)
     except Unsupported as error:
-        if str(error).startswith(("the zoo RNN", "`args`")):
+        if error.whole:
             return None, str(error)
         return None, f"`model` has a part the structured kernel does not support: {error}"
     name = "recurrent" if isinstance(kernel, RecurrentKernel) else "layered"

@@ -36,12 +36,30 @@ from ._signature import WithArgs
 
 
 class Unsupported(Exception):
-    """The structured kernels cannot take this model; the message says why."""
+    """The structured kernels cannot take this model; the message says why.
+
+    `whole=True` marks a message that is a whole reason on its own (a plan shows it as
+    it is); otherwise the plan prefixes it with "`model` has a part the structured
+    kernel does not support"."""
+
+    def __init__(self, message: str, *, whole: bool = False):
+        super().__init__(message)
+        self.whole = whole
 
 
 @dataclasses.dataclass(frozen=True)
 class Layered:
+    """A chain of ops on one example, `u_{i+1} = op_i(u_i)`: what the layered kernel
+    reads (`curvzoo.structures.Layered` for a registration of your own).
+
+    **Fields:** `ops`, a tuple of ops (`curvzoo.structures.layer`, `activation`,
+    `linear`, `pool`)."""
+
     ops: tuple
+    declared: bool = dataclasses.field(default=False, repr=False)  # registered by a user
+
+    def __post_init__(self):
+        object.__setattr__(self, "ops", tuple(self.ops))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,13 +209,19 @@ def _has_residual(fn: Callable, shape: tuple, dtype) -> bool:
 # ## Checking a registration
 
 
+def _is_float(leaf) -> bool:
+    """A floating-point array, or its `jax.ShapeDtypeStruct` (plans see only those)."""
+    dtype = getattr(leaf, "dtype", None)
+    return (
+        isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+        and dtype is not None
+        and jnp.issubdtype(dtype, jnp.inexact)
+    )
+
+
 def _check_covered(model, parts) -> None:
-    covered = {
-        id(leaf)
-        for part in parts
-        for leaf in jax.tree.leaves(eqx.filter(part, eqx.is_inexact_array))
-    }
-    arrays = eqx.filter(model, eqx.is_inexact_array)
+    covered = {id(leaf) for part in parts for leaf in jax.tree.leaves(eqx.filter(part, _is_float))}
+    arrays = eqx.filter(model, _is_float)
     for path, leaf in jax.tree_util.tree_flatten_with_path(arrays)[0]:
         if id(leaf) not in covered:
             raise Unsupported(f"parameter {jax.tree_util.keystr(path)} outside its description")
@@ -237,16 +261,118 @@ def describe(model, example) -> Layered | Recurrent:
         )
     found = structure(model, example)
     if isinstance(found, Layered):
-        return Layered(_check_layered(model, found.ops, example))
+        ops = _check_layered(model, found.ops, example)
+        if found.declared:
+            _check_declared(model, ops, example)
+        return Layered(ops)
     _check_covered(model, found.chain.parts(model))
     return found
+
+
+# ## Registrations made with `curvzoo.structures.register`
+
+_OPS = (ParamLayer, Elementwise, Linear)
+_VERSION = [0]  # counts the registrations made here: plans are keyed on it
+
+
+def registry_version() -> int:
+    """How many registrations `register_declared` has made: part of every plan's key, so
+    that a plan made before a (re-)registration is not reused after it."""
+    return _VERSION[0]
+
+
+def register_declared(cls: type, describe: Callable) -> None:
+    """Register a user's `describe` for `cls`: its result must be a `Layered` of ops,
+    and is marked as declared, so that `describe()` also checks it against the model's
+    own forward pass (`_check_declared`)."""
+
+    def described(model, example):
+        found = describe(model, example)
+        if not isinstance(found, Layered):
+            raise Unsupported(
+                f"the structure registered for {cls.__name__} returned "
+                f"{type(found).__name__}, not a `curvzoo.structures.Layered`"
+            )
+        for i, op in enumerate(found.ops):
+            if not isinstance(op, _OPS):
+                raise Unsupported(
+                    f"op {i} of the structure registered for {cls.__name__} is a "
+                    f"{type(op).__name__}; build ops with `curvzoo.structures.layer`, "
+                    "`activation`, `linear` or `pool`"
+                )
+        return Layered(found.ops, declared=True)
+
+    structure.register(cls)(described)
+    _VERSION[0] += 1
+
+
+def _random_like(tree, key):
+    """`tree`'s arrays (or `jax.ShapeDtypeStruct`s) as random arrays of the same shapes
+    and dtypes: standard normal for floating point, zeros otherwise."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    out = []
+    for k, leaf in zip(keys, leaves):
+        if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
+            dtype = leaf.dtype
+            if jnp.issubdtype(dtype, jnp.floating):
+                leaf = jax.random.normal(k, leaf.shape, dtype)
+            else:
+                leaf = jnp.zeros(leaf.shape, dtype)
+        out.append(leaf)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _check_declared(model, ops: tuple, example) -> None:
+    """What a user's registration cannot be trusted with, checked on random values of
+    the model's shapes: the chain of `ops` computes what `model(x)` computes (to
+    rounding), every `linear` op is linear (its second derivative is zero), and one that
+    says it keeps a diagonal only rearranges entries (or is a pooling layer that
+    `curvzoo.structures.pool` made). Runs at plan time, once per plan."""
+    with jax.ensure_compile_time_eval():
+        k_model, k_x, k_t = jax.random.split(jax.random.key(0), 3)
+        concrete = _random_like(model, k_model)
+        x = _random_like(jax.ShapeDtypeStruct(jnp.shape(example), jnp.result_type(example)), k_x)
+        expected = concrete(x)
+        u = x
+        for op in ops:
+            if isinstance(op, Linear) and not isinstance(op.fn, eqx.nn.Pool):
+                t = _random_like(jax.ShapeDtypeStruct(u.shape, u.dtype), k_t)
+                second = jax.jvp(lambda y, op=op: jax.jvp(op.fn, (y,), (t,))[1], (u,), (t,))[1]
+                if np.any(np.asarray(second) != 0):
+                    raise Unsupported(
+                        f"{op.name} is declared `linear` but is not linear in its input"
+                    )
+                if op.keeps_diagonal and not _rearranges(op.fn, u.shape, u.dtype):
+                    raise Unsupported(
+                        f"{op.name} is declared with `keeps_diagonal=True` but does more "
+                        "than rearrange its input's entries"
+                    )
+            u = op.apply(concrete, u)
+        if not hasattr(expected, "shape") or tuple(u.shape) != tuple(expected.shape):
+            got = getattr(expected, "shape", type(expected).__name__)
+            raise Unsupported(
+                f"the registered structure of {type(model).__name__} does not compute what "
+                f"its `__call__` computes (output shape {tuple(u.shape)} against {got})"
+            )
+        u, expected = np.asarray(u, np.float64), np.asarray(expected, np.float64)
+        scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+        tolerance = 1e3 * float(jnp.finfo(jnp.result_type(x)).eps) * scale  # rounding only
+        if not np.all(np.abs(u - expected) <= tolerance):
+            raise Unsupported(
+                f"the registered structure of {type(model).__name__} does not compute what "
+                "its `__call__` computes (on random parameters and a random input, they "
+                f"differ by up to {np.max(np.abs(u - expected)):.3g})"
+            )
 
 
 @structure.register(WithArgs)
 def _with_args(model: WithArgs, example):
     del model, example
     raise Unsupported(
-        "`args` are passed to the model, and the structured kernels read models of one example only"
+        "`args` are passed to the model, and the structured kernels read models of one "
+        "example only",
+        whole=True,
     )
 
 

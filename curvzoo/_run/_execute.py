@@ -44,6 +44,7 @@ from .._dispatch._signature import (
     trace_loss,
     WithArgs,
 )
+from .._dispatch._structures import registry_version
 from .._losses import AbstractLoss
 from ._checks import check_batch, check_loss, check_model, raise_non_finite, trained
 from ._devices import check_mesh, place_batch, replicate
@@ -137,7 +138,10 @@ def prepare(
         loss, _ = trace_loss(loss, model_layout, traced_layout, args_layout)
     loss_arrays, loss_layout = flatten(loss)
     key_aval = None if key is None else (tuple(key.shape), key.dtype)
-    request = Request(options, model_layout, mask, batch_layout, loss_layout, args_layout, key_aval)
+    request = Request(
+        options, model_layout, mask, batch_layout, loss_layout, args_layout, key_aval,
+        registry_version(),
+    )  # fmt: skip
 
     def make():
         plan = build_plan(request)
