@@ -86,7 +86,7 @@ def chunk_function(
         # The scale rides on the mask (every contraction is linear in it), so it
         # multiplies a chunk's per-sample pieces, not the parameter-sized result.
         weights = mask * jnp.asarray(scale, mask.dtype)
-        return kernel.contract(params, static, jax.vmap(per_sample)(samples), samples, weights)
+        return _chunk_sum(kernel, params, static, loss, samples, weights)
 
     def chunk_stack(samples, mask):
         # Each sample as a chunk of one: the same contraction, so no second code path.
@@ -96,6 +96,19 @@ def chunk_function(
         return jax.vmap(one)(jax.vmap(per_sample)(samples), samples, mask)
 
     return chunk_stack if keep_samples else chunk_sum
+
+
+@eqx.filter_jit
+def _chunk_sum(kernel, params, static, loss, samples, weights):
+    """A chunk's weighted sum, as one (inlined) compiled call: its trace is cached per
+    kernel, static parts and shapes, so the plan's cost trace of a chunk and the run's
+    trace of the same chunk trace the kernel once."""
+    dtype = accumulation_dtype(jnp.result_type(*jax.tree.leaves(params)))
+
+    def per_sample(sample):
+        return upcast(kernel.pieces(params, static, loss, sample), dtype)
+
+    return kernel.contract(params, static, jax.vmap(per_sample)(samples), samples, weights)
 
 
 def run_sample_kernel(
