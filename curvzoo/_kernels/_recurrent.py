@@ -162,7 +162,13 @@ def _node_inputs(kind, cell, x, state):
 
 
 def _unit_update(kind, xi):
-    """One unit's new state `(q,)` from its slots `(m,)`; no parameters."""
+    """One unit's new state `(q,)` from its slots `(m,)`; no parameters.
+
+    The slots are taken apart by one `split` (whose transpose, in the node Hessians'
+    reverse pass, is one concatenation), not by indexing each (whose transposes are a
+    pad per slot summed by `add_any`, which XLA keeps live all at once: 19.9 against
+    10.2 MiB for a GRU of 16 units, T = 16, N = 32)."""
+    xi = [part[0] for part in jnp.split(xi, xi.shape[0])] if xi.shape[0] > 1 else xi
     if kind == "elman":
         return jnp.tanh(xi[:1])
     if kind == "gru":
