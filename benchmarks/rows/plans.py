@@ -126,8 +126,9 @@ def format_result(result: dict, verdict: str) -> str:
             )
         )
     lines.append(
-        "meas. MiB: growth of the resident memory over one call (the device's peak on a "
-        "GPU); XLA MiB: the compiled program's temporaries and outputs; * not counted "
+        "meas. MiB: growth of the resident memory over one call, or the compiled "
+        "buffers where those are larger (the device's peak on a GPU); XLA MiB: the "
+        "compiled program's temporaries and outputs; * not counted "
         "(not a zoo model, or both under 4 MiB). Models:"
     )
     lines += [f"  {name}: {text}" for name, text in notes.items()]
