@@ -227,6 +227,8 @@ def _count(jaxpr) -> Profile:
                 steps += times * sub.steps
                 bound += times * sub.memory_bound
             inner = max(sub.bytes for sub in subs)
+            if name not in ("scan", "while"):  # a call: its outputs are the program's own
+                inner = max(0, inner - made)
         else:
             other += out
             if any(v not in fused for v in eqn.outvars):
