@@ -102,7 +102,6 @@ ESTIMATORS = {
     "ggn": (cz.GGN(), {}),
     "empirical-fisher": (cz.EmpiricalFisher(), {}),
     "fisher": (cz.Fisher(2), {"key": jr.key(7)}),
-    "hutchinson": (cz.Hutchinson(3), {"key": jr.key(7)}),
     "hutchinson-cv-stderr": (
         cz.Hutchinson(3, cz.GGN()),
         {"key": jr.key(7), "return_stderr": True},
@@ -141,7 +140,7 @@ def test_battery(estimator_name, model_name, getkey, dtype=jnp.float32):
     assert compilations[0] == 0, "a second model of the same shapes recompiled"
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "stacked-tokens-lengths", "own-registered"])
+@pytest.mark.parametrize("model_name", ["stacked-tokens-lengths", "own-registered"])
 @pytest.mark.parametrize("estimator_name", list(ESTIMATORS))
 def test_under_an_outer_jit(estimator_name, model_name):
     """In float64, inside `eqx.filter_jit`: the eager numbers and dtypes."""

@@ -87,31 +87,31 @@ def test_the_functions_are_aliases(model_name, name):
 
 def _dense_ggn(model, batch) -> np.ndarray:
     """`scale * sum_n J_n^T H_n J_n` by hand: `J_n` by `jax.jacfwd` of sample `n`'s
-    predictions at its valid steps (the sequence cut to its length), `H_n` by
-    `jax.hessian` of its summed cross-entropy there, `scale` one over the valid steps
-    (the mean); for the MLP, one step per sample."""
+    predictions (one row per step), `H_n` by `jax.hessian` of its cross-entropy summed
+    over its valid steps (the steps past its length weigh zero), `scale` one over the
+    valid steps (the mean); for the MLP, one step per sample."""
     params, static = eqx.partition(model, eqx.is_inexact_array)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     inputs, targets = batch[0], batch[1]
-    lengths = batch[2] if len(batch) > 2 else None
-    total, steps = 0.0, 0
-    for n in range(inputs.shape[0]):
-        x, y = inputs[n], targets[n]
-        if lengths is not None:
-            x, y = x[: int(lengths[n])], y[: int(lengths[n])]
+    lengths = batch[2] if len(batch) > 2 else jnp.ones(inputs.shape[0], jnp.int32)
 
-        def predict(p, x=x):
+    @jax.jit
+    @jax.vmap
+    def one(x, y, length):
+        def predict(p):
             return eqx.combine(unravel(p), static)(x).reshape(-1, 3)
 
-        def per_sample(z, y=y):
-            return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(z), y.reshape(-1, 1), 1))
+        def per_sample(z):
+            valid = jnp.arange(z.shape[0]) < length
+            picked = jnp.take_along_axis(jax.nn.log_softmax(z), y.reshape(-1, 1), 1)[:, 0]
+            return -jnp.sum(jnp.where(valid, picked, 0.0))
 
         z = predict(flat)
         jac = jax.jacfwd(predict)(flat).reshape(-1, flat.size)
         hess = jax.hessian(per_sample)(z).reshape(jac.shape[0], jac.shape[0])
-        total = total + jac.T @ hess @ jac
-        steps += z.shape[0]
-    return np.asarray(total) / steps
+        return jac.T @ hess @ jac
+
+    return np.asarray(one(inputs, targets, lengths).sum(0)) / float(jnp.sum(lengths))
 
 
 def _as_tree(model, flat_values):
