@@ -19,25 +19,26 @@ def check_estimator_options(
     """The options that apply to `estimator`, checked: a random one needs `key`;
     `method` and `per_sample` only where the estimator has them; `return_stderr` only
     for Hutchinson with two probes or more. Each error names the argument."""
-    name = type(estimator).__name__
-    if estimator.random:
+    kind = type(estimator)  # class attributes, read off the class (no instance lookup)
+    name = kind.__name__
+    if kind.random:
         check_key(key)
     elif key is not None:
         check_key(key)  # accepted (so one loop can pass it to every estimator), unused
-    if not estimator.has_method and method != "auto":
+    if not kind.has_method and method != "auto":
         raise ValueError(
             f"`method` does not apply to `{name}`, which takes one Hessian-vector product "
             f"per probe on any model; got `method={method!r}`. Leave it at 'auto'."
         )
     check_bool(per_sample, "per_sample")
-    if per_sample and not estimator.has_per_sample:
+    if per_sample and not kind.has_per_sample:
         raise ValueError(
             f"`per_sample=True` does not apply to `{name}`; the per-sample diagonals are "
             "those of `curvzoo.Exact()`, `curvzoo.GGN()` and `curvzoo.EmpiricalFisher()`."
         )
     check_bool(return_stderr, "return_stderr")
     if return_stderr:
-        if not estimator.has_stderr:
+        if not kind.has_stderr:
             raise ValueError(
                 f"`return_stderr=True` applies to `curvzoo.Hutchinson`, got `{name}()`; for "
                 "`curvzoo.Fisher`, compare estimates drawn with different keys."
@@ -140,10 +141,10 @@ def diagonal(
         estimator=estimator,
     )  # fmt: skip
     result = evaluate(
-        model, loss, batch, key=key if estimator.random else None, options=options,
+        model, loss, batch, key=key if type(estimator).random else None, options=options,
         filter_spec=filter_spec, args=args,
     )  # fmt: skip
-    if estimator.has_stderr:
+    if type(estimator).has_stderr:
         value, stderr = result
         return Estimate(value, stderr) if return_stderr else value
     return result

@@ -13,6 +13,9 @@ from .._run._checks import check_positive_int
 from ._diagonal import diagonal
 
 
+_GGN, _EMPIRICAL_FISHER = GGN(), EmpiricalFisher()  # built once (about 10 us each)
+
+
 @no_type_check
 def ggn_diagonal(
     model: eqx.Module,
@@ -89,7 +92,7 @@ def ggn_diagonal(
     """
 
     return diagonal(
-        model, loss, batch, GGN(), per_sample=per_sample, args=args, filter_spec=filter_spec,
+        model, loss, batch, _GGN, per_sample=per_sample, args=args, filter_spec=filter_spec,
         chunk_size=chunk_size, memory_budget=memory_budget, method=method,
         check_finite=check_finite, mesh=mesh, progress=progress,
     )  # fmt: skip
@@ -156,7 +159,7 @@ def empirical_fisher_diagonal(
     """
 
     return diagonal(
-        model, loss, batch, EmpiricalFisher(), per_sample=per_sample, args=args,
+        model, loss, batch, _EMPIRICAL_FISHER, per_sample=per_sample, args=args,
         filter_spec=filter_spec, chunk_size=chunk_size, memory_budget=memory_budget, method=method,
         check_finite=check_finite, mesh=mesh, progress=progress,
     )  # fmt: skip

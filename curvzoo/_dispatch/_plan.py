@@ -72,6 +72,8 @@ class Options:
     mesh: Mesh | None = None
     estimator: AbstractEstimator = Exact()
 
+    __hash__ = cached_hash  # hashed by each cache a call looks in
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -91,7 +93,7 @@ class Request:
 
     @property
     def quantity(self) -> str:
-        return self.options.estimator.quantity
+        return type(self.options.estimator).quantity
 
 
 # ## A structured kernel for each structure

@@ -116,7 +116,7 @@ def prepare(
 ) -> Prepared:
     """Checks, the plan (cached per request) and the arrays of one call of
     `options.estimator`."""
-    quantity = options.estimator.quantity
+    quantity = type(options.estimator).quantity
     check_model(model)
     check_mesh(model, options.mesh)
     check_loss(loss)
