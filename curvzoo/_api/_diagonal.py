@@ -22,6 +22,11 @@ def check_estimator_options(
     kind = type(estimator)  # class attributes, read off the class (no instance lookup)
     name = kind.__name__
     if kind.random:
+        if key is None:
+            raise TypeError(
+                f"`{name}` draws at random: `key` must be one JAX PRNG key, such as "
+                "`jax.random.key(0)` (the same key gives the same result); got None."
+            )
         check_key(key)
     elif key is not None:
         check_key(key)  # accepted (so one loop can pass it to every estimator), unused
