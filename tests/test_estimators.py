@@ -83,6 +83,7 @@ def test_the_functions_are_aliases(model_name, name):
             kwargs["num_probes"] = 5
             kwargs["control_variate"] = None if estimator.control_variate is None else "ggn"
         assert tree_allclose(method(LOSS, batch, **kwargs), got, rtol=0)
+        assert tree_allclose(model.diagonal(LOSS, batch, estimator, key=key), got, rtol=0)
 
 
 def _dense_ggn(model, batch) -> np.ndarray:

@@ -7,9 +7,11 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
+from .._api._diagonal import diagonal
 from .._api._family import empirical_fisher_diagonal, fisher_diagonal, ggn_diagonal
 from .._api._hessian import hessian_diagonal
 from .._api._hutchinson import hutchinson_diagonal
+from .._estimators import AbstractEstimator, Estimate
 from .._kernels._ops import Linear
 from .._kernels._precision import in_precision
 
@@ -59,6 +61,16 @@ class AbstractModel(eqx.Module):
         return hessian_diagonal(self, loss, batch, **options)
 
     @no_type_check
+    def diagonal(
+        self, loss: Callable, batch: PyTree, estimator: AbstractEstimator | None = None, **options
+    ) -> PyTree | Estimate:
+        """The diagonal that `estimator` defines (default `curvzoo.Exact()`, the Hessian's).
+        See [`curvzoo.diagonal`][]."""
+        if estimator is None:
+            return diagonal(self, loss, batch, **options)
+        return diagonal(self, loss, batch, estimator, **options)
+
+    @no_type_check
     def ggn_diagonal(self, loss: Callable, batch: PyTree, **options) -> PyTree:
         """The exact diagonal of the generalised Gauss-Newton matrix. See
         [`curvzoo.ggn_diagonal`][]."""
@@ -77,9 +89,7 @@ class AbstractModel(eqx.Module):
         return empirical_fisher_diagonal(self, loss, batch, **options)
 
     @no_type_check
-    def hutchinson_diagonal(
-        self, loss: Callable, batch: PyTree, **options
-    ) -> PyTree | tuple[PyTree, PyTree]:
+    def hutchinson_diagonal(self, loss: Callable, batch: PyTree, **options) -> PyTree | Estimate:
         """Hutchinson's estimate of the Hessian diagonal (needs `key=` and
         `num_probes=`). See [`curvzoo.hutchinson_diagonal`][]."""
         return hutchinson_diagonal(self, loss, batch, **options)
