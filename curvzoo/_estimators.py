@@ -44,11 +44,6 @@ class AbstractEstimator(eqx.Module):
     has_stderr: ClassVar[bool] = False
 
     @property
-    def name(self) -> str:
-        """`Exact()`, `Hutchinson(num_probes=16, control_variate=GGN())`: its `repr`."""
-        return repr(self)
-
-    @property
     def num_samples(self) -> int:
         """Targets drawn per sample (the Fisher's setting; 1 for the others)."""
         return 1
@@ -165,6 +160,26 @@ class Hutchinson(AbstractEstimator):
 
 ESTIMATORS = (Exact, GGN, EmpiricalFisher, Fisher, Hutchinson)
 BY_QUANTITY = {cls.quantity: cls for cls in ESTIMATORS}
+
+
+def from_names(
+    quantity: str, *, num_samples: Any = 1, num_probes: Any = 1, control_variate: Any = None
+) -> AbstractEstimator:
+    """The estimator that the older, string-valued arguments name (`curvzoo.plan`'s
+    `quantity=`, `hutchinson_diagonal`'s `control_variate="ggn"`, Sophia's names),
+    each setting checked with an error that names it (before the fields' annotations
+    are type-checked)."""
+    if quantity not in BY_QUANTITY:
+        raise ValueError(f"`quantity` must be one of {tuple(BY_QUANTITY)}, got {quantity!r}.")
+    if quantity == "fisher":
+        check_positive_int(num_samples, "num_samples")
+        return Fisher(num_samples)
+    if quantity == "hutchinson":
+        check_positive_int(num_probes, "num_probes")
+        if control_variate not in (None, "ggn"):
+            raise ValueError(f"`control_variate` must be None or 'ggn', got {control_variate!r}.")
+        return Hutchinson(num_probes, None if control_variate is None else GGN())
+    return BY_QUANTITY[quantity]()
 
 
 def check_estimator(estimator: Any) -> AbstractEstimator:

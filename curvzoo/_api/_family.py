@@ -7,9 +7,8 @@ import equinox as eqx
 from jax.sharding import Mesh
 from jaxtyping import Array, PyTree
 
-from .._estimators import EmpiricalFisher, Fisher, GGN
+from .._estimators import EmpiricalFisher, from_names, GGN
 from .._losses import AbstractLoss
-from .._run._checks import check_positive_int
 from ._diagonal import diagonal
 
 
@@ -222,9 +221,9 @@ def fisher_diagonal(
     per sample, as in [`curvzoo.empirical_fisher_diagonal`][].
     """
 
-    check_positive_int(num_samples, "num_samples")  # before the annotation's type check
     return diagonal(
-        model, loss, batch, Fisher(num_samples), key=key, args=args, filter_spec=filter_spec,
+        model, loss, batch, from_names("fisher", num_samples=num_samples), key=key, args=args,
+        filter_spec=filter_spec,
         chunk_size=chunk_size, memory_budget=memory_budget, method=method,
         check_finite=check_finite, mesh=mesh, progress=progress,
     )  # fmt: skip

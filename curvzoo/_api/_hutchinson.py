@@ -7,8 +7,7 @@ import equinox as eqx
 from jax.sharding import Mesh
 from jaxtyping import Array, PyTree
 
-from .._estimators import Estimate, GGN, Hutchinson
-from .._run._checks import check_positive_int
+from .._estimators import Estimate, from_names
 from ._diagonal import diagonal
 
 
@@ -93,10 +92,7 @@ def hutchinson_diagonal(
     ```
     """
 
-    if control_variate not in (None, "ggn"):
-        raise ValueError(f"`control_variate` must be None or 'ggn', got {control_variate!r}.")
-    check_positive_int(num_probes, "num_probes")  # before the annotation's type check
-    estimator = Hutchinson(num_probes, None if control_variate is None else GGN())
+    estimator = from_names("hutchinson", num_probes=num_probes, control_variate=control_variate)
     return diagonal(
         model, loss, batch, estimator, key=key, return_stderr=return_stderr, args=args,
         filter_spec=filter_spec, chunk_size=chunk_size, memory_budget=memory_budget,

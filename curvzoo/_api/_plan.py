@@ -9,8 +9,7 @@ from jax.sharding import Mesh
 from jaxtyping import PyTree
 
 from .._dispatch._plan import Plan
-from .._estimators import AbstractEstimator, BY_QUANTITY, check_estimator, Fisher, GGN, Hutchinson
-from .._run._checks import check_positive_int
+from .._estimators import AbstractEstimator, BY_QUANTITY, check_estimator, from_names
 from .._run._execute import plan_of
 from ._diagonal import check_estimator_options
 from ._options import make_options
@@ -74,9 +73,10 @@ def plan(
             else "`curvzoo.plan` got both `estimator` and `quantity`: pass the estimator alone."
         )
     if estimator is None:
-        estimator = _from_quantity(
-            "hessian" if quantity is None else quantity, num_samples, num_probes, control_variate
-        )
+        estimator = from_names(
+            "hessian" if quantity is None else quantity, num_samples=num_samples,
+            num_probes=num_probes, control_variate=control_variate,
+        )  # fmt: skip
     estimator = check_estimator(estimator)
     key = jax.random.key(0) if estimator.random else None
     check_estimator_options(estimator, key=key, method=method, per_sample=per_sample)
@@ -85,18 +85,3 @@ def plan(
         memory_budget=memory_budget, mesh=mesh, estimator=estimator,
     )  # fmt: skip
     return plan_of(model, loss, batch, key=key, options=options, filter_spec=filter_spec, args=args)
-
-
-def _from_quantity(quantity, num_samples, num_probes, control_variate) -> AbstractEstimator:
-    """The estimator that the older arguments of `plan` name."""
-    if quantity not in BY_QUANTITY:
-        raise ValueError(f"`quantity` must be one of {tuple(BY_QUANTITY)}, got {quantity!r}.")
-    if quantity == "fisher":
-        check_positive_int(num_samples, "num_samples")
-        return Fisher(num_samples)
-    if quantity == "hutchinson":
-        check_positive_int(num_probes, "num_probes")
-        if control_variate not in (None, "ggn"):
-            raise ValueError(f"`control_variate` must be None or 'ggn', got {control_variate!r}.")
-        return Hutchinson(num_probes, None if control_variate is None else GGN())
-    return BY_QUANTITY[quantity]()

@@ -76,11 +76,8 @@ def chunk_function(
     """The function `(samples, mask) -> sums` that `run_sample_kernel` runs on each
     chunk (`samples` with a leading axis of the chunk's size): the pieces of every
     sample and their `mask * scale`-weighted contraction, or with `keep_samples` each
-    sample's own. The plan profiles it on chunks of one and two samples."""
-    dtype = accumulation_dtype(jnp.result_type(*jax.tree.leaves(params)))
-
-    def per_sample(sample):
-        return upcast(kernel.pieces(params, static, loss, sample), dtype)
+    sample's own. The plan profiles it on the chunk it will most likely run (or on
+    chunks of one and two samples, where that chunk is above the budget)."""
 
     def chunk_sum(samples, mask):
         # The scale rides on the mask (every contraction is linear in it), so it
@@ -93,7 +90,7 @@ def chunk_function(
         def one(piece, sample, weight):
             return kernel.contract(params, static, _expand(piece), _expand(sample), weight[None])
 
-        return jax.vmap(one)(jax.vmap(per_sample)(samples), samples, mask)
+        return jax.vmap(one)(_pieces(kernel, params, static, loss, samples), samples, mask)
 
     return chunk_stack if keep_samples else chunk_sum
 
@@ -103,12 +100,16 @@ def _chunk_sum(kernel, params, static, loss, samples, weights):
     """A chunk's weighted sum, as one (inlined) compiled call: its trace is cached per
     kernel, static parts and shapes, so the plan's cost trace of a chunk and the run's
     trace of the same chunk trace the kernel once."""
+    pieces = _pieces(kernel, params, static, loss, samples)
+    return kernel.contract(params, static, pieces, samples, weights)
+
+
+def _pieces(kernel, params, static, loss, samples):
+    """Each sample's pieces, stacked, in at least float32 (the sums' precision)."""
     dtype = accumulation_dtype(jnp.result_type(*jax.tree.leaves(params)))
-
-    def per_sample(sample):
-        return upcast(kernel.pieces(params, static, loss, sample), dtype)
-
-    return kernel.contract(params, static, jax.vmap(per_sample)(samples), samples, weights)
+    return jax.vmap(lambda sample: upcast(kernel.pieces(params, static, loss, sample), dtype))(
+        samples
+    )
 
 
 def run_sample_kernel(

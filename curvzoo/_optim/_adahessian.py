@@ -12,6 +12,7 @@ from jaxtyping import Array, Int, PyTree
 # The public functions are looked up when called (`curvzoo` is still loading now).
 import curvzoo
 
+from .._estimators import from_names
 from . import _curvature
 from ._chain import with_learning_rate
 from ._checks import (
@@ -138,7 +139,9 @@ def scale_by_adahessian(
     reserved = ("key", "num_probes", "filter_spec", "return_stderr")
     options = check_options(curvature_options, reserved)
     check_callable_options(curvzoo.hutchinson_diagonal, options)
-    estimate = _curvature.hutchinson(num_probes, options)
+    control = options.pop("control_variate", None)
+    estimator = from_names("hutchinson", num_probes=num_probes, control_variate=control)
+    estimate = _curvature.of_estimator(estimator, options)
 
     def init(params):
         zeros = zeros_like(params)

@@ -116,51 +116,9 @@ def get_curvature(
     return result
 
 
-def hessian(options: dict) -> Estimate:
-    """The exact Hessian diagonal, `curvzoo.hessian_diagonal`."""
-
-    def estimate(model, loss, batch, key, filter_spec):
-        del key
-        return curvzoo.hessian_diagonal(model, loss, batch, filter_spec=filter_spec, **options)
-
-    return estimate
-
-
-def hutchinson(num_probes: int, options: dict) -> Estimate:
-    """Hutchinson's estimate, `curvzoo.hutchinson_diagonal`."""
-
-    def estimate(model, loss, batch, key, filter_spec):
-        return curvzoo.hutchinson_diagonal(
-            model, loss, batch, key=key, num_probes=num_probes, filter_spec=filter_spec,
-            **options,
-        )  # fmt: skip
-
-    return estimate
-
-
-def ggn(options: dict) -> Estimate:
-    """The exact GGN diagonal, `curvzoo.ggn_diagonal`."""
-
-    def estimate(model, loss, batch, key, filter_spec):
-        del key
-        return curvzoo.ggn_diagonal(model, loss, batch, filter_spec=filter_spec, **options)
-
-    return estimate
-
-
-def fisher(options: dict) -> Estimate:
-    """The Fisher diagonal with labels drawn from the model, `curvzoo.fisher_diagonal`."""
-
-    def estimate(model, loss, batch, key, filter_spec):
-        return curvzoo.fisher_diagonal(
-            model, loss, batch, key=key, filter_spec=filter_spec, **options
-        )
-
-    return estimate
-
-
 def of_estimator(estimator, options: dict) -> Estimate:
-    """`estimator`'s diagonal (an estimator object), `curvzoo.diagonal`."""
+    """`estimate(model, loss, batch, key, filter_spec)`: `estimator`'s diagonal (an
+    estimator object) by `curvzoo.diagonal`, with `options` its further keywords."""
 
     def estimate(model, loss, batch, key, filter_spec):
         return curvzoo.diagonal(

@@ -11,6 +11,7 @@ from jaxtyping import Array, Int
 # The public functions are looked up when called (`curvzoo` is still loading now).
 import curvzoo
 
+from .._estimators import Exact
 from . import _curvature
 from ._chain import with_learning_rate
 from ._checks import (
@@ -121,7 +122,7 @@ def scale_by_diagonal_newton(
     check_loss(loss)
     options = check_options(curvature_options, ("filter_spec", "per_sample"))
     check_callable_options(curvzoo.hessian_diagonal, options)
-    estimate = _curvature.hessian(options)
+    estimate = _curvature.of_estimator(Exact(), options)
 
     def init(params):
         zeros = zeros_like(params)

@@ -12,6 +12,7 @@ from jaxtyping import Array, Int
 # The public functions are looked up when called (`curvzoo` is still loading now).
 import curvzoo
 
+from .._estimators import from_names
 from . import _curvature
 from ._chain import with_learning_rate
 from ._checks import (
@@ -26,6 +27,7 @@ from ._moments import ema, zeros_like
 
 
 _ESTIMATORS = ("gnb", "ggn", "hutchinson")
+_SETTINGS = ("num_samples", "num_probes", "control_variate")  # an estimator's own fields
 
 
 class SophiaState(NamedTuple):
@@ -48,14 +50,14 @@ def _estimator(estimator, loss, options: dict):
     """`(estimate, needs_key)` for `estimator`: an estimator object, or one of the
     names `"gnb"` (`Fisher`), `"ggn"` (`GGN`) and `"hutchinson"` (`Hutchinson` with
     `num_probes` from `options`, default 1)."""
+    label = f"`estimator={estimator!r}`"
     if isinstance(estimator, curvzoo.AbstractEstimator):
-        if "num_probes" in options or "num_samples" in options or "control_variate" in options:
+        if any(name in options for name in _SETTINGS):
             raise TypeError(
                 "`curvature_options` may not set `num_probes`, `num_samples` or "
                 f"`control_variate` with an estimator object ({estimator!r}): they are the "
                 "estimator's own fields."
             )
-        label = f"`estimator={estimator!r}`"
     else:
         if not isinstance(estimator, str) or estimator not in _ESTIMATORS:
             raise ValueError(
@@ -63,22 +65,11 @@ def _estimator(estimator, loss, options: dict):
                 f"`curvzoo.GGN()`, `curvzoo.Hutchinson(num_probes=1)`, ...) or one of "
                 f"{_ESTIMATORS}, got {estimator!r}."
             )
-        label = f"`estimator={estimator!r}`"
         options = dict(options)
-        if estimator == "gnb":
-            check_callable_options(curvzoo.fisher_diagonal, options)
-            estimator = curvzoo.Fisher(options.pop("num_samples", 1))
-        elif estimator == "ggn":
-            check_callable_options(curvzoo.ggn_diagonal, options)
-            estimator = curvzoo.GGN()
-        else:
-            check_callable_options(curvzoo.hutchinson_diagonal, options)
-            num_probes = options.pop("num_probes", 1)
-            check_positive_int(num_probes, "num_probes")
-            control = options.pop("control_variate", None)
-            if control not in (None, "ggn"):
-                raise ValueError(f"`control_variate` must be None or 'ggn', got {control!r}.")
-            estimator = curvzoo.Hutchinson(num_probes, None if control is None else curvzoo.GGN())
+        quantity = {"gnb": "fisher", "ggn": "ggn", "hutchinson": "hutchinson"}[estimator]
+        check_callable_options(getattr(curvzoo, f"{quantity}_diagonal"), options)
+        settings = {name: options.pop(name) for name in _SETTINGS if name in options}
+        estimator = from_names(quantity, **settings)
     if estimator.needs_per_sample_form and loss is not None:
         if not isinstance(loss, curvzoo.losses.AbstractLoss):
             raise TypeError(
